@@ -1,0 +1,3 @@
+from openafm.cli.main import main
+
+main()

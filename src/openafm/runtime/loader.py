@@ -1,0 +1,100 @@
+"""Load a model and its tokenizer by name or path, converting GGUF once into a fast-loading cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from openafm.io import (
+    Checkpoint,
+    build_model,
+    openafm_home,
+    read_checkpoint,
+    resolve_model,
+    write_hf,
+)
+from openafm.io.hf_checkpoint import CONFIG_FILE
+from openafm.model import Transformer
+from openafm.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("openafm")
+
+
+@dataclass
+class Pretrained:
+    model: Transformer
+    tokenizer: Tokenizer
+    checkpoint: Checkpoint
+    path: Path  # what the user named (resolved), not the conversion cache
+
+
+def _converted_dir(gguf: Path) -> Path:
+    """Where a GGUF file's safetensors conversion lives, keyed by the file's identity."""
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return openafm_home() / "converted" / f"{gguf.stem}-{digest}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Checkpoint:
+    """Dequantize a GGUF once and keep it as a Hugging Face directory (loads in a fraction of the time)."""
+    checkpoint = read_checkpoint(gguf)
+    tokenizer = Tokenizer.from_gguf(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        extra = {"source": gguf.name, "source_tensor_types": checkpoint.tensor_types}
+        write_hf(tmp, checkpoint.config, checkpoint.tensors, extra_config=extra)
+        tokenizer.save(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:  # a read-only or full cache must not stop generation
+        log.warning("could not cache the converted model in %s (%s)", target, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return checkpoint
+
+
+def _tokenizer_source(path: Path) -> Path:
+    """Where to read a tokenizer for `path`: its converted cache when one exists (fast)."""
+    if path.is_file():
+        converted = _converted_dir(path)
+        if (converted / "tokenizer.json").exists():
+            return converted
+    return path
+
+
+def load_tokenizer_for(name_or_path: str | Path | None = None) -> Tokenizer:
+    """Only the tokenizer of a model (known name, GGUF file or directory)."""
+    return load_tokenizer(_tokenizer_source(resolve_model(name_or_path)))
+
+
+def load_pretrained(
+    name_or_path: str | Path | None = None, *, use_cache: bool = True
+) -> Pretrained:
+    """Model + tokenizer from a known name (fetched on first use), a GGUF file, or a HF directory."""
+    path = resolve_model(name_or_path)
+    source = path
+    if path.is_dir() and not (path / CONFIG_FILE).exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        source = ggufs[0] if len(ggufs) == 1 else path
+    if use_cache and source.is_file():
+        converted = _converted_dir(source)
+        if (converted / CONFIG_FILE).exists():
+            checkpoint = read_checkpoint(converted)
+            tokenizer = load_tokenizer(converted)
+            saved = json.loads((converted / CONFIG_FILE).read_text())
+            checkpoint.format = "gguf"
+            checkpoint.tensor_types = saved.get("source_tensor_types", checkpoint.tensor_types)
+        else:
+            checkpoint = _convert_gguf(source, converted)
+            tokenizer = Tokenizer.from_gguf(source)
+        checkpoint.source = source
+    else:
+        checkpoint = read_checkpoint(source)
+        tokenizer = load_tokenizer(source)
+    return Pretrained(build_model(checkpoint), tokenizer, checkpoint, path)
