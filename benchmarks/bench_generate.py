@@ -24,7 +24,6 @@ VARIANTS = {
     # name: (weights dtype, prefill dtype)
     "float32": ("float32", "float32"),
     "float32+bf16-prefill": ("float32", "bfloat16"),
-    "bfloat16": ("bfloat16", "bfloat16"),
 }
 TEXT = (
     "The on-device model reads a message, finds what matters, and writes a short summary that a "
@@ -82,8 +81,6 @@ def run_ours(variant: str, threads: int, repeats: int) -> dict:
     pretrained = load_pretrained()
     load_s = time.perf_counter() - t0
     model = pretrained.model
-    if weights == "bfloat16":
-        model = model.to(torch.bfloat16)
     engine = Engine(
         model,
         pretrained.tokenizer,

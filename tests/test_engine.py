@@ -116,3 +116,19 @@ def test_stop_matcher_holds_back_possible_starts():
     assert m.safe_length("hello\n") == len("hello")
     assert m.safe_length("hello") == 5
     assert m.find("abc END d") == 4
+
+
+def test_bf16_prefill_twin_shares_the_embedding_and_stays_close(tiny):
+    engine = Engine(tiny, byte_tokenizer(), prefill_dtype=torch.bfloat16)
+    twin = engine.prefill_model
+    # The embedding is shared memory, not a second copy.
+    assert twin is not tiny and twin.embed.weight.data_ptr() == tiny.embed.weight.data_ptr()
+    assert twin.layers[0].mlp.up.weight.dtype == torch.bfloat16
+    assert tiny.layers[0].mlp.up.weight.dtype == torch.float32  # the decode model is untouched
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = twin(ids)
+    with torch.no_grad():
+        full = tiny(ids)
+    assert (low - full).abs().max() < 0.05 * full.abs().max()
+    assert (low.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
