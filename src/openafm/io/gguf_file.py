@@ -51,6 +51,15 @@ def _permute_rows(w: np.ndarray, n_head: int, inverse: bool) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _rope_heads(name: str, config: ModelConfig) -> int:
+    """Head count whose rows llama.cpp permutes in this tensor (0 for tensors it leaves alone)."""
+    if name.endswith("attn.q.weight"):
+        return config.n_heads
+    if name.endswith("attn.k.weight"):
+        return config.n_kv_heads
+    return 0
+
+
 def open_gguf(path: str | Path) -> GGUFReader:
     """Open a GGUF file, turning every low-level failure into one clear `CheckpointError`."""
     path = Path(path)
@@ -123,10 +132,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
         array = np.asarray(array, dtype=np.float32)
         if not array.flags.writeable:  # unquantized tensors are views of the read-only memmap
             array = array.copy()
-        if name.endswith("attn.q.weight"):
-            array = _permute_rows(array, config.n_heads, inverse=True)
-        elif name.endswith("attn.k.weight"):
-            array = _permute_rows(array, config.n_kv_heads, inverse=True)
+        if heads := _rope_heads(name, config):
+            array = _permute_rows(array, heads, inverse=True)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
         types[name] = t.tensor_type.name
     return Checkpoint(config, tensors, path, "gguf", types)
@@ -179,10 +186,8 @@ def write_gguf(
         if gguf_name is None:
             raise ValueError(f"no GGUF name for tensor {name!r}")
         array = tensor.detach().to(torch.float32).cpu().numpy()
-        if name.endswith("attn.q.weight"):
-            array = _permute_rows(array, config.n_heads, inverse=False)
-        elif name.endswith("attn.k.weight"):
-            array = _permute_rows(array, config.n_kv_heads, inverse=False)
+        if heads := _rope_heads(name, config):
+            array = _permute_rows(array, heads, inverse=False)
         qtype = quant(name, tensor) if array.ndim == 2 else GGMLQuantizationType.F32
         if qtype == GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, np.ascontiguousarray(array))
