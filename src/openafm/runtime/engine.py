@@ -65,9 +65,9 @@ class Engine:
     Prefill runs in float32 by default, so greedy output matches a float32 reference token for
     token; `prefill_dtype=torch.bfloat16` runs it under autocast on a bf16 copy of the projection
     weights (AMX or AVX-512-BF16 units, about 2x faster here; casting the weights on every call
-    cost a third of that gain) at the cost of bf16 rounding and the copy's memory. Decode runs in the weights' dtype
-    (memory-bound). Prompts of different lengths are left-padded into one batch; each row stops
-    on its own.
+    cost a third of that gain) at the cost of bf16 rounding and the copy's memory. Decode runs
+    in the weights' dtype (memory-bound). Prompts of different lengths are left-padded into one
+    batch; each row stops on its own.
     """
 
     def __init__(
