@@ -103,7 +103,7 @@ def run_ours(variant: str, threads: int, repeats: int) -> dict:
         "completion_tokens": runs[0].completion_tokens,
         "weight_bytes": weight_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "compile_s": 0.0,  # torch.compile is not used (see README: eager decode is memory-bound)
+        "compile_s": 0.0,  # torch.compile is not used: measured slower here (see README)
     }
 
 

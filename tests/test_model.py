@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from openafm.model import KVCache, Linear, Transformer, get_preset
+from openafm.model.linear import _use_onednn
 
 
 def test_cached_decode_equals_full_forward(tiny):
@@ -68,17 +69,17 @@ def test_every_projection_goes_through_the_linear_seam(tiny):
     assert len(linears) == 7 * tiny.config.n_layers + 1
 
 
-def test_decode_layout_keeps_outputs(tiny):
-    ids = torch.randint(0, 512, (1, 9))
-    with torch.no_grad():
-        before = tiny(ids)
-        for m in tiny.modules():
-            if isinstance(m, Linear):
-                m.use_decode_layout()
-        assert not tiny.layers[0].mlp.gate.weight.is_contiguous()  # out > in: input-major
-        assert tiny.layers[0].mlp.down.weight.is_contiguous()
-        after = tiny(ids)
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+def test_inference_kernel_matches_the_training_path(tiny):
+    """Without autograd, float32 projections run on oneDNN; outputs equal F.linear's."""
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.enable_grad():
+        reference = tiny(ids).detach()
+    with torch.inference_mode():
+        assert _use_onednn(ids.float(), tiny.output.weight) == torch.backends.mkldnn.is_available()
+        fast = tiny(ids)
+        one_token = tiny(ids[:, :1])
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one_token, reference[:, :1], atol=1e-5, rtol=1e-5)
 
 
 def test_afm_on_device_preset_matches_the_published_architecture():

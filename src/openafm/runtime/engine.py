@@ -79,9 +79,6 @@ class Engine:
         cache_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model = model.eval()
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.use_decode_layout()
         self.tokenizer = tokenizer
         self.prefill_dtype = prefill_dtype
         self.prefill_model = model
