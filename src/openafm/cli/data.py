@@ -1,0 +1,105 @@
+"""`afm data curate|stats`: the web-data curation pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from openafm.cli.common import err_console, print_json, user_errors
+
+app = typer.Typer(help="Curate web data into clean, deduplicated documents.", no_args_is_help=True)
+
+
+@contextmanager
+def _logs_to(path: Path) -> Iterator[None]:
+    """Send standard error (datatrove's per-task logs, worker processes included) to a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@app.command()
+def curate(
+    inputs: Annotated[
+        list[str],
+        typer.Option(
+            "--input", "-i", help="WARC/ARC, HTML or JSONL file, or a folder of them (repeatable)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Output folder (kept/, removed/, stats.json, report.md).")
+    ],
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="TOML file overriding CurateConfig fields.")
+    ] = None,
+    robots: Annotated[
+        str | None,
+        typer.Option(
+            help="robots.txt snapshots: DIR/DATE/HOST/robots.txt (enables the optout stage)."
+        ),
+    ] = None,
+    only: Annotated[
+        str | None, typer.Option(help="Comma-separated stages to run, in this order (e.g. 'pii').")
+    ] = None,
+    executor: Annotated[str, typer.Option(help="local (processes on this machine).")] = "local",
+    workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 1,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show datatrove's logs.")
+    ] = False,
+) -> None:
+    """Read, opt-out, extract, filter, mask PII and deduplicate; a rerun resumes where it stopped."""
+    with user_errors():
+        from openafm.data import CurateConfig, CurationError
+        from openafm.data import curate as run_curate
+        from openafm.data.readers import input_files
+
+        if executor != "local":
+            raise ValueError(f"executor {executor!r} is not available; use --executor local")
+        config = CurateConfig.from_file(config_file) if config_file else CurateConfig()
+        if only:
+            config = dataclasses.replace(config, stages=tuple(s.strip() for s in only.split(",")))
+        input_files(inputs)  # a missing input is reported before any work starts
+        log = out / "logs" / "curate.log"
+        if not verbose:
+            err_console.print(f"curating… (logs: {log})", highlight=False)
+        try:
+            with contextlib.nullcontext() if verbose else _logs_to(log):
+                stats = run_curate(inputs, out, config, robots_dir=robots, workers=workers)
+        except CurationError as exc:
+            raise ValueError(str(exc)) from None
+        err_console.print(
+            f"{stats['documents_in']} documents read, {stats['documents_kept']} kept → {out}/kept",
+            highlight=False,
+        )
+
+
+@app.command()
+def stats(
+    out: Annotated[Path, typer.Argument(help="Output folder of `afm data curate`.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print stats.json.")] = False,
+) -> None:
+    """Per stage: documents in, out, and removed by reason."""
+    with user_errors():
+        from openafm.data import read_stats, render_markdown
+
+        report = read_stats(out)
+        if json_output:
+            print_json(report)
+        else:
+            print(render_markdown(report), end="")

@@ -1,0 +1,198 @@
+"""The curation pipeline end to end: real WARC files, and one constructed case per stage."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from openafm.data import CurateConfig, CurationError, curate
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GERMAN = (
+    "Die Stadt liegt an einem breiten Fluss, und im Sommer kommen viele Besucher, um die alten "
+    "Häuser am Marktplatz zu sehen. Am Abend sitzen die Leute in den Gärten der Gasthäuser und "
+    "erzählen von der Arbeit, vom Wetter und von den Kindern. Im Winter ist es dagegen still; "
+    "nur die Glocken der Kirche hört man über den Dächern. Wer länger bleibt, lernt die "
+    "Nachbarn kennen und wird bald zum Essen eingeladen. So vergehen die Jahre in dieser Stadt "
+    "ruhig und freundlich, und kaum jemand möchte von hier fortziehen."
+)
+
+
+def read_jsonl_gz(folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt") as f:
+            rows += [json.loads(line) for line in f]
+    return rows
+
+
+def prose(n: int, words: int = 150) -> list[str]:
+    """`n` distinct passages of narrative English prose (no dialogue), one paragraph per line."""
+    text = (FIXTURES / "text" / "pride_and_prejudice_excerpt.txt").read_text()
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if len(p.split()) > 8]
+    paragraphs = [p for p in paragraphs if p.endswith(".") and "“" not in p and "_" not in p]
+    passages, current = [], []
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        if sum(len(p.split()) for p in current) >= words:
+            passages.append("\n".join(current))
+            current = []
+    assert len(passages) >= n
+    return passages[:n]
+
+
+def swear(text: str) -> str:
+    words = text.split(" ")
+    return " ".join(w if i % 8 else "shit" for i, w in enumerate(words))
+
+
+@pytest.fixture(scope="module")
+def constructed(tmp_path_factory):
+    """A corpus with one case per stage, curated once with robots snapshots."""
+    root = tmp_path_factory.mktemp("constructed")
+    p = prose(10)
+    near = p[1].split(" ")
+    near[40], near[120] = "suddenly", "quietly"
+    docs = [
+        ("keep-0", "https://ok.example/a", p[0]),
+        ("keep-1", "https://ok.example/b", p[1]),
+        ("exact-dup", "https://ok.example/c", p[0].replace(" ", "  ").replace("\n", " \n")),
+        ("near-dup", "https://ok.example/d", " ".join(near)),
+        ("no-crawl", "https://blocked.example/x", p[2]),
+        ("no-train", "https://notrain.example/y", p[3]),
+        ("pii-masked", "https://ok.example/e", p[4] + " Write to anne@example.com, SSN 078-05-1121."),
+        ("pii-heavy", "https://ok.example/f", p[5] + " Write to " + ", ".join(f"u{i}@mail.example" for i in range(30)) + "."),
+        ("profane", "https://ok.example/g", swear(p[6])),
+        ("german", "https://ok.example/h", GERMAN),
+        ("keep-2", "https://ok.example/i", p[7]),
+    ]  # fmt: skip
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "url": u, "text": t}) + "\n" for i, u, t in docs))
+    robots = root / "robots"
+    for date, host, rules in [
+        ("2024-01-01", "notrain.example", "User-agent: *\nAllow: /\n"),
+        ("2025-01-01", "notrain.example", "User-agent: Applebot-Extended\nDisallow: /\n"),
+        ("2025-01-01", "blocked.example", "User-agent: Applebot\nDisallow: /\n"),
+    ]:
+        (robots / date / host).mkdir(parents=True)
+        (robots / date / host / "robots.txt").write_text(rules)
+    out = root / "out"
+    stats = curate([str(data)], out, CurateConfig(), robots_dir=str(robots))
+    return out, stats
+
+
+def test_each_constructed_case_is_removed_by_its_stage(constructed):
+    out, _ = constructed
+    kept = {r["id"]: r for r in read_jsonl_gz(out / "kept")}
+    assert set(kept) == {"keep-0", "keep-1", "keep-2", "pii-masked"}
+    assert "<EMAIL>" in kept["pii-masked"]["text"] and "<SSN>" in kept["pii-masked"]["text"]
+    assert "anne@example.com" not in kept["pii-masked"]["text"]
+    removed = {
+        r["id"]: (stage.name, r["metadata"].get("filter_reason"))
+        for stage in (out / "removed").iterdir()
+        for r in read_jsonl_gz(stage)
+    }
+    assert removed == {
+        "no-crawl": ("optout", "robots_disallow"),
+        "no-train": ("optout", "training_opt_out"),
+        "german": ("language", "language_de"),
+        "profane": ("profanity", "profanity"),
+        "pii-heavy": ("pii", "pii_heavy"),
+        "exact-dup": ("exact_dedup", None),
+        "near-dup": ("fuzzy_dedup", None),
+    }
+
+
+def test_stats_account_for_every_document(constructed):
+    out, stats = constructed
+    assert json.loads((out / "stats.json").read_text()) == stats
+    rows = stats["stages"]
+    assert stats["documents_in"] == 11 and stats["documents_kept"] == 4
+    for before, after in itertools.pairwise(rows):
+        assert after["in"] == before["out"], (before["stage"], after["stage"])
+    for row in rows:
+        assert row["in"] - row["out"] == row["removed"] == sum(row["removed_by_reason"].values())
+    by_stage = {r["stage"]: r for r in rows}
+    assert by_stage["optout"]["removed_by_reason"] == {"robots_disallow": 1, "training_opt_out": 1}
+    assert by_stage["pii"]["masked_EMAIL"] == 31
+    assert "| optout | 11 | 9 | 2 |" in (out / "report.md").read_text()
+
+
+def test_real_warc_files_and_a_rerun_that_resumes(tmp_path):
+    out = tmp_path / "out"
+    stats = curate([str(FIXTURES / "warc")], out)
+    intake = stats["stages"][1]
+    assert stats["documents_in"] == 45
+    assert intake["removed_by_reason"] == {"corrupt_record": 1, "not_html": 4}
+    kept = read_jsonl_gz(out / "kept")
+    assert len(kept) == stats["documents_kept"] > 10
+    assert all(r["metadata"]["language"] == "en" for r in kept)
+    assert not any("<html" in r["text"].lower() for r in kept)
+    before = {p.name: p.read_bytes() for p in (out / "kept").iterdir()}
+    again = curate([str(FIXTURES / "warc")], out)  # every task is done: nothing is redone
+    assert {p.name: p.read_bytes() for p in (out / "kept").iterdir()} == before
+    assert again == stats
+
+
+def test_same_input_gives_the_same_output(tmp_path):
+    inputs = [str(FIXTURES / "warc" / "sample-0001.warc.gz")]
+    config = CurateConfig(stages=("extract", "language", "pii"))
+    a = read_jsonl_gz(curate(inputs, tmp_path / "a", config) and tmp_path / "a" / "kept")
+    b = read_jsonl_gz(curate(inputs, tmp_path / "b", config, workers=2) and tmp_path / "b" / "kept")
+    assert sorted((r["id"], r["text"]) for r in a) == sorted((r["id"], r["text"]) for r in b)
+
+
+def test_a_stage_that_empties_its_input_fails_loudly(tmp_path):
+    data = tmp_path / "de.jsonl"
+    data.write_text(json.dumps({"text": GERMAN}) + "\n")
+    with pytest.raises(CurationError, match="'language' kept 0 of 1"):
+        curate([str(data)], tmp_path / "out", CurateConfig(stages=("language",)))
+
+
+def test_bad_records_are_recorded_not_fatal(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine text here"}\nnot json\n{"text": ""}\n{"id": 3}\n')
+    html = tmp_path / "latin1.html"
+    html.write_bytes(b"<html><body><p>caf\xe9 \xff\xfe</p></body></html>")
+    stats = curate([str(data), str(html)], tmp_path / "out", CurateConfig(stages=("pii",)))
+    assert stats["stages"][1]["removed_by_reason"] == {
+        "empty_page": 1,
+        "malformed_json": 2,
+        "undecodable": 1,
+    }
+
+
+def afm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "openafm", *args], capture_output=True, text=True)
+
+
+def test_cli_only_pii_masks_a_jsonl_corpus(tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text(
+        json.dumps({"text": "Reach me at bob@example.net or 555-867-5309 today."}) + "\n"
+    )
+    result = afm(
+        "data", "curate", "--input", str(data), "--out", str(tmp_path / "o"), "--only", "pii"
+    )
+    assert result.returncode == 0, result.stderr
+    [row] = read_jsonl_gz(tmp_path / "o" / "kept")
+    assert row["text"] == "Reach me at <EMAIL> or <PHONE> today."
+    stats = afm("data", "stats", str(tmp_path / "o"), "--json")
+    assert json.loads(stats.stdout)["documents_kept"] == 1
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    result = afm(
+        "data", "curate", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: input not found")
+    assert "Traceback" not in result.stderr
+    result = afm("data", "stats", str(tmp_path))
+    assert result.returncode == 1 and "no stats.json" in result.stderr
