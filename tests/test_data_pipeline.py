@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from openafm.data import CurateConfig, CurationError, curate
+from openafm.data.shards import read_shards, write_shards
+from tests.conftest import byte_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GERMAN = (
@@ -57,6 +59,9 @@ def constructed(tmp_path_factory):
     """A corpus with one case per stage, curated once with robots snapshots."""
     root = tmp_path_factory.mktemp("constructed")
     p = prose(10)
+    boilerplate = "This page is part of a collection that is shared under the same licence as every other page here."
+    for i in (0, 1, 4, 7):  # the four documents that are kept
+        p[i] = f"{p[i]}\n{boilerplate}"
     near = p[1].split(" ")
     near[40], near[120] = "suddenly", "quietly"
     docs = [
@@ -71,6 +76,7 @@ def constructed(tmp_path_factory):
         ("profane", "https://ok.example/g", swear(p[6])),
         ("german", "https://ok.example/h", GERMAN),
         ("keep-2", "https://ok.example/i", p[7]),
+        ("leak", "https://ok.example/j", p[8]),
     ]  # fmt: skip
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps({"id": i, "url": u, "text": t}) + "\n" for i, u, t in docs))
@@ -82,8 +88,12 @@ def constructed(tmp_path_factory):
     ]:
         (robots / date / host).mkdir(parents=True)
         (robots / date / host / "robots.txt").write_text(rules)
+    evals = root / "eval.jsonl"  # a leaked passage, and the boilerplate common in the corpus
+    leaked = " ".join(p[8].split()[30:50])
+    evals.write_text(json.dumps({"document": leaked, "summary": boilerplate}) + "\n")
+    config = CurateConfig(eval_sets=(str(evals),), decontam_max_docs=2)
     out = root / "out"
-    stats = curate([str(data)], out, CurateConfig(), robots_dir=str(robots))
+    stats = curate([str(data)], out, config, robots_dir=str(robots))
     return out, stats
 
 
@@ -106,6 +116,7 @@ def test_each_constructed_case_is_removed_by_its_stage(constructed):
         "pii-heavy": ("pii", "pii_heavy"),
         "exact-dup": ("exact_dedup", None),
         "near-dup": ("fuzzy_dedup", None),
+        "leak": ("decontaminate", "eval_overlap"),
     }
 
 
@@ -113,7 +124,7 @@ def test_stats_account_for_every_document(constructed):
     out, stats = constructed
     assert json.loads((out / "stats.json").read_text()) == stats
     rows = stats["stages"]
-    assert stats["documents_in"] == 11 and stats["documents_kept"] == 4
+    assert stats["documents_in"] == 12 and stats["documents_kept"] == 4
     for before, after in itertools.pairwise(rows):
         assert after["in"] == before["out"], (before["stage"], after["stage"])
     for row in rows:
@@ -121,7 +132,7 @@ def test_stats_account_for_every_document(constructed):
     by_stage = {r["stage"]: r for r in rows}
     assert by_stage["optout"]["removed_by_reason"] == {"robots_disallow": 1, "training_opt_out": 1}
     assert by_stage["pii"]["masked_EMAIL"] == 31
-    assert "| optout | 11 | 9 | 2 |" in (out / "report.md").read_text()
+    assert "| optout | 12 | 10 | 2 |" in (out / "report.md").read_text()
 
 
 def test_real_warc_files_and_a_rerun_that_resumes(tmp_path):
@@ -196,3 +207,56 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     result = afm("data", "stats", str(tmp_path))
     assert result.returncode == 1 and "no stats.json" in result.stderr
+
+
+def test_ray_executor_gives_the_local_result(tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"Doc {i}: write to user{i}@example.org."}) + "\n" for i in range(5)
+        )
+    )
+    for executor in ("local", "ray"):  # Ray gets one CPU so it cannot starve the test process
+        result = afm(
+            "data", "curate", "--input", str(data), "--out", str(tmp_path / executor),
+            "--only", "pii", "--executor", executor, "--workers", "1",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    local, ray = (read_jsonl_gz(tmp_path / e / "kept") for e in ("local", "ray"))
+    assert [r["text"] for r in ray] == [r["text"] for r in local]
+    assert all("<EMAIL>" in r["text"] for r in ray) and len(ray) == 5
+
+
+def test_token_shards_round_trip_the_kept_documents(constructed, tmp_path):
+    tokenizer = byte_tokenizer()
+
+    out, _ = constructed
+    kept = [r["text"] for r in read_jsonl_gz(out / "kept")]
+    manifest = write_shards(out / "kept", tmp_path / "shards", tokenizer, shard_tokens=2000)
+    manifest2, arrays = read_shards(tmp_path / "shards")
+    assert manifest2 == manifest and manifest["documents"] == len(kept)
+    assert len(arrays) == len(manifest["shards"]) > 1
+    ids = [int(t) for a in arrays for t in a]
+    assert len(ids) == manifest["tokens"]
+    eos = tokenizer.eos_id
+    docs, current = [], []
+    for t in ids:
+        if t == eos:
+            docs.append(tokenizer.decode(current))
+            current = []
+        else:
+            current.append(t)
+    assert docs == kept
+    first = tmp_path / "shards" / manifest["shards"][0]["file"]
+    first.write_bytes(first.read_bytes()[:-2] + b"\x00\x00")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        read_shards(tmp_path / "shards")
+
+
+def test_special_token_text_in_documents_stays_text():
+    tokenizer = byte_tokenizer()
+    text = "look: <|im_start|> and <|endoftext|>"
+    special = tokenizer.encode(text)
+    [plain] = tokenizer.encode_documents([text])
+    assert tokenizer.decode(plain, skip_special_tokens=False) == text
+    assert len(plain) > len(special)

@@ -57,7 +57,19 @@ def curate(
     only: Annotated[
         str | None, typer.Option(help="Comma-separated stages to run, in this order (e.g. 'pii').")
     ] = None,
-    executor: Annotated[str, typer.Option(help="local (processes on this machine).")] = "local",
+    eval_sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--eval-set",
+            help="Evaluation file (JSONL/JSON/CSV/TXT) to decontaminate against (repeatable).",
+        ),
+    ] = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="local (processes here) or ray (the cluster ray.init() finds, else a local one)."
+        ),
+    ] = "local",
     workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 1,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show datatrove's logs.")
@@ -69,9 +81,9 @@ def curate(
         from openafm.data import curate as run_curate
         from openafm.data.readers import input_files
 
-        if executor != "local":
-            raise ValueError(f"executor {executor!r} is not available; use --executor local")
         config = CurateConfig.from_file(config_file) if config_file else CurateConfig()
+        if eval_sets:
+            config = dataclasses.replace(config, eval_sets=tuple(eval_sets))
         if only:
             config = dataclasses.replace(config, stages=tuple(s.strip() for s in only.split(",")))
         input_files(inputs)  # a missing input is reported before any work starts
@@ -80,7 +92,9 @@ def curate(
             err_console.print(f"curating… (logs: {log})", highlight=False)
         try:
             with contextlib.nullcontext() if verbose else _logs_to(log):
-                stats = run_curate(inputs, out, config, robots_dir=robots, workers=workers)
+                stats = run_curate(
+                    inputs, out, config, robots_dir=robots, workers=workers, executor=executor
+                )
         except CurationError as exc:
             raise ValueError(str(exc)) from None
         err_console.print(
@@ -103,3 +117,42 @@ def stats(
             print_json(report)
         else:
             print(render_markdown(report), end="")
+
+
+@app.command()
+def shards(
+    documents: Annotated[
+        Path,
+        typer.Argument(help="Output folder of `afm data curate` (its kept/), or a JSONL folder."),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for shard-*.bin and manifest.json.")],
+    model: Annotated[
+        str | None, typer.Option(help="Model whose tokenizer to use (default: the default base).")
+    ] = None,
+    shard_tokens: Annotated[int, typer.Option(min=1, help="Tokens per shard file.")] = 1 << 24,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the manifest.")] = False,
+) -> None:
+    """Tokenize curated documents and pack them into token shards for pre-training."""
+    with user_errors():
+        from openafm.data.shards import write_shards
+        from openafm.io import DEFAULT_MODEL
+        from openafm.runtime import load_tokenizer_for
+
+        source = documents / "kept" if (documents / "kept").is_dir() else documents
+        tokenizer = load_tokenizer_for(model)
+        with err_console.status("tokenizing…", spinner="dots"):
+            manifest = write_shards(
+                source,
+                out,
+                tokenizer,
+                tokenizer_name=model or DEFAULT_MODEL,
+                shard_tokens=shard_tokens,
+            )
+        if json_output:
+            print_json(manifest)
+        else:
+            err_console.print(
+                f"{manifest['documents']} documents, {manifest['tokens']} tokens in"
+                f" {len(manifest['shards'])} shard(s) → {out}",
+                highlight=False,
+            )

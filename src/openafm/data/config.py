@@ -6,7 +6,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-# Per-document stages, in the default order; dedup always runs last, over the whole corpus.
+# Per-document stages, in the default order; the corpus stages (dedup, decontamination) run
+# last, over the whole corpus, in this order.
 DOCUMENT_STAGES = (
     "optout",
     "extract",
@@ -18,7 +19,7 @@ DOCUMENT_STAGES = (
     "profanity",
     "pii",
 )
-CORPUS_STAGES = ("exact_dedup", "fuzzy_dedup")
+CORPUS_STAGES = ("exact_dedup", "fuzzy_dedup", "decontaminate")
 ALL_STAGES = DOCUMENT_STAGES + CORPUS_STAGES
 
 
@@ -37,6 +38,9 @@ class CurateConfig:
     minhash_bands: int = 14
     minhash_rows: int = 8
     seed: int = 1
+    eval_sets: tuple[str, ...] = ()  # files whose 13-grams must not appear in the corpus
+    decontam_ngram: int = 13
+    decontam_max_docs: int = 10  # an n-gram in more corpus documents than this is "common"
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in ALL_STAGES]

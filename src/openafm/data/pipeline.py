@@ -35,6 +35,7 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
 from openafm.data.config import CurateConfig
+from openafm.data.decontaminate import Decontaminate, EvalNgramCounter, build_eval_index
 from openafm.data.readers import WebReader, input_files
 from openafm.data.report import write_report
 from openafm.data.stages import ExtractMainText, Intake, LanguageId, OptOut, Pii, Profanity
@@ -79,105 +80,96 @@ def curate(
     *,
     robots_dir: str | None = None,
     workers: int = 1,
+    executor: str = "local",
 ) -> dict:
-    """Run the pipeline; return the stats written to `out/stats.json`."""
+    """Run the pipeline; return the stats written to `out/stats.json`.
+
+    `executor="ray"` runs every task on the Ray cluster `ray.init()` connected to (a local one
+    is started if none is); the output folder must then be on storage all workers share.
+    """
     out = Path(out).resolve()
     files = input_files(inputs)
     stages = config.document_stages
     if "optout" in stages and robots_dir is None:
         stages = tuple(s for s in stages if s != "optout")
+    corpus = [s for s in config.corpus_stages if s != "decontaminate" or config.eval_sets]
     removed, work, logs = out / "removed", out / "work", out / "logs"
-    corpus = config.corpus_stages
-    filtered = work / "filtered" if corpus else out / "kept"
     tasks = len(files)
+    make = _executor_factory(executor, workers, logs)
 
+    filtered = work / "filtered" if corpus else out / "kept"
     steps = [WebReader(files), Intake(exclusion_writer=JsonlWriter(str(removed / "intake")))]
     steps += [_document_stage(s, config, removed, robots_dir) for s in stages]
     steps.append(JsonlWriter(str(filtered)))
-    labels = ["read", "intake", *stages, None]
-    phases = [
-        (
-            "documents",
-            LocalPipelineExecutor(
-                steps, tasks=tasks, workers=workers, logging_dir=str(logs / "documents")
-            ),
-            labels,
-        )
-    ]
+    phases = [("documents", make("documents", steps, tasks), ["read", "intake", *stages, None])]
 
     current = filtered
-    if "exact_dedup" in corpus:
-        exact = ExactDedupConfig(content_getter=normalised_text)
-        target = work / "exact_kept" if "fuzzy_dedup" in corpus else out / "kept"
-        phases += _exact_dedup_phases(current, target, work, removed, logs, exact, tasks, workers)
+    for stage in corpus:
+        target = out / "kept" if stage == corpus[-1] else work / f"{stage}_kept"
+        excl = JsonlWriter(str(removed / stage))
+        if stage == "exact_dedup":
+            exact = ExactDedupConfig(content_getter=normalised_text)
+            sigs, dups = str(work / "exact_sigs"), str(work / "exact_dups")
+            phases += [
+                ("exact_signatures", make("exact_signatures", [JsonlReader(str(current)), ExactDedupSignature(sigs, exact)], tasks), []),
+                ("exact_find", make("exact_find", [ExactFindDedups(sigs, dups, exact)], 1), []),
+            ]  # fmt: skip
+            last = ExactDedupFilter(dups, exact, exclusion_writer=excl)
+        elif stage == "fuzzy_dedup":
+            minhash = MinhashConfig(
+                n_grams=config.minhash_ngrams,
+                num_buckets=config.minhash_bands,
+                hashes_per_bucket=config.minhash_rows,
+                seed=config.seed,
+            )
+            sigs, buckets, clusters = (
+                str(work / f"minhash_{x}") for x in ("sigs", "buckets", "clusters")
+            )
+            phases += [
+                ("fuzzy_signatures", make("fuzzy_signatures", [JsonlReader(str(current)), MinhashDedupSignature(sigs, config=minhash)], tasks), []),
+                ("fuzzy_buckets", make("fuzzy_buckets", [MinhashDedupBuckets(sigs, buckets, config=minhash)], minhash.num_buckets), []),
+                ("fuzzy_cluster", make("fuzzy_cluster", [MinhashDedupCluster(buckets, clusters, config=minhash)], 1), []),
+            ]  # fmt: skip
+            last = MinhashDedupFilter(clusters, exclusion_writer=excl)
+        else:
+            index, counts = work / "decontam" / "eval_ngrams.npy", str(work / "decontam" / "counts")
+            build_eval_index(list(config.eval_sets), config.decontam_ngram, index)
+            counter = EvalNgramCounter(str(index), counts, config.decontam_ngram)
+            phases.append(
+                (
+                    "decontam_count",
+                    make("decontam_count", [JsonlReader(str(current)), counter], tasks),
+                    [],
+                )
+            )
+            last = Decontaminate(str(index), counts, config.decontam_ngram, config.decontam_max_docs, exclusion_writer=excl)  # fmt: skip
+        steps = [JsonlReader(str(current)), last, JsonlWriter(str(target))]
+        phases.append((stage, make(stage, steps, tasks), [None, stage, None]))
         current = target
-    if "fuzzy_dedup" in corpus:
-        minhash = MinhashConfig(
-            n_grams=config.minhash_ngrams,
-            num_buckets=config.minhash_bands,
-            hashes_per_bucket=config.minhash_rows,
-            seed=config.seed,
-        )
-        phases += _minhash_phases(
-            current, out / "kept", work, removed, logs, minhash, tasks, workers
-        )
 
     previous = None
-    for _, executor, _ in phases:
-        executor.depends = previous
-        previous = executor
+    for _, runner, _ in phases:
+        runner.depends = previous
+        previous = runner
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no stage may reach the network
     previous.run()
-    return write_report(out, [(name, labels) for name, _, labels in phases])
+    report = write_report(out, [(name, labels) for name, _, labels in phases])
+    return report
 
 
-def _exact_dedup_phases(source, target, work, removed, logs, config, tasks, workers):
-    sigs, dups = work / "exact_sigs", work / "exact_dups"
-    return [
-        ("exact_signatures", LocalPipelineExecutor(
-            [JsonlReader(str(source)), ExactDedupSignature(str(sigs), config)],
-            tasks=tasks, workers=workers, logging_dir=str(logs / "exact_signatures"),
-        ), []),
-        ("exact_find", LocalPipelineExecutor(
-            [ExactFindDedups(str(sigs), str(dups), config)],
-            tasks=1, workers=1, logging_dir=str(logs / "exact_find"),
-        ), []),
-        ("exact_dedup", LocalPipelineExecutor(
-            [
-                JsonlReader(str(source)),
-                ExactDedupFilter(str(dups), config, exclusion_writer=JsonlWriter(str(removed / "exact_dedup"))),
-                JsonlWriter(str(target)),
-            ],
-            tasks=tasks, workers=workers, logging_dir=str(logs / "exact_dedup"),
-        ), [None, "exact_dedup", None]),
-    ]  # fmt: skip
+def _executor_factory(kind: str, workers: int, logs: Path):
+    """`make(name, steps, tasks)` → a datatrove executor of the chosen kind."""
+    if kind == "local":
+        return lambda name, steps, tasks: LocalPipelineExecutor(
+            steps, tasks=tasks, workers=workers, logging_dir=str(logs / name)
+        )
+    if kind == "ray":
+        import ray
+        from datatrove.executor.ray import RayPipelineExecutor
 
-
-def _minhash_phases(source, target, work, removed, logs, config, tasks, workers):
-    sigs, buckets, clusters = (
-        work / "minhash_sigs",
-        work / "minhash_buckets",
-        work / "minhash_clusters",
-    )
-    return [
-        ("fuzzy_signatures", LocalPipelineExecutor(
-            [JsonlReader(str(source)), MinhashDedupSignature(str(sigs), config=config)],
-            tasks=tasks, workers=workers, logging_dir=str(logs / "fuzzy_signatures"),
-        ), []),
-        ("fuzzy_buckets", LocalPipelineExecutor(
-            [MinhashDedupBuckets(str(sigs), str(buckets), config=config)],
-            tasks=config.num_buckets, workers=workers, logging_dir=str(logs / "fuzzy_buckets"),
-        ), []),
-        ("fuzzy_cluster", LocalPipelineExecutor(
-            [MinhashDedupCluster(str(buckets), str(clusters), config=config)],
-            tasks=1, workers=1, logging_dir=str(logs / "fuzzy_cluster"),
-        ), []),
-        ("fuzzy_dedup", LocalPipelineExecutor(
-            [
-                JsonlReader(str(source)),
-                MinhashDedupFilter(str(clusters), exclusion_writer=JsonlWriter(str(removed / "fuzzy_dedup"))),
-                JsonlWriter(str(target)),
-            ],
-            tasks=tasks, workers=workers, logging_dir=str(logs / "fuzzy_dedup"),
-        ), [None, "fuzzy_dedup", None]),
-    ]  # fmt: skip
+        if not ray.is_initialized():
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        return lambda name, steps, tasks: RayPipelineExecutor(
+            steps, tasks=tasks, workers=workers, logging_dir=str(logs / name), mem_per_cpu_gb=0.5
+        )
+    raise ValueError(f"unknown executor {kind!r}: use 'local' or 'ray'")

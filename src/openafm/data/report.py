@@ -12,6 +12,11 @@ class CurationError(RuntimeError):
     """A run that must not pass silently (a stage emptied a non-empty input)."""
 
 
+def _count(value: object) -> int:
+    """A counter as datatrove saved it: a number, or (merged across tasks) {"total": n, ...}."""
+    return int(value["total"]) if isinstance(value, dict) else int(value)  # type: ignore[arg-type]
+
+
 def stage_stats(out: Path, phases: list[tuple[str, list[str | None]]]) -> list[dict]:
     """One row per labelled pipeline step: documents in and out, removals by reason, seconds."""
     rows = []
@@ -23,25 +28,23 @@ def stage_stats(out: Path, phases: list[tuple[str, list[str | None]]]) -> list[d
         for label, step in zip(labels, steps, strict=False):
             if label is None:
                 continue
-            stats = step["stats"]
+            stats = {
+                k: _count(v) if k != "doc_len" else v
+                for k, v in step["stats"].items()
+                if isinstance(v, int | float | dict)
+            }
             if "total" in stats:  # a filter: datatrove omits counters that stayed at zero
                 seen, kept = stats["total"], stats.get("forwarded", 0)
             else:  # the reader
                 seen = kept = stats.get("documents", 0)
             reasons = {
-                k.removeprefix("dropped_"): v
-                for k, v in stats.items()
-                if k.startswith("dropped_") and isinstance(v, int)
+                k.removeprefix("dropped_"): v for k, v in stats.items() if k.startswith("dropped_")
             }
             dropped = seen - kept
             if dropped > sum(reasons.values()):
                 other = "duplicate" if label.endswith("dedup") else "unspecified"
                 reasons[other] = dropped - sum(reasons.values())
-            extra = {
-                k: v["total"] if isinstance(v, dict) else v
-                for k, v in stats.items()
-                if k.startswith("masked_")
-            }
+            extra = {k: v for k, v in stats.items() if k.startswith("masked_")}
             chars = stats.get("doc_len", {})
             seconds = step.get("time_stats", {})
             rows.append(

@@ -81,6 +81,18 @@ class Tokenizer:
             ids = [self.bos_id, *ids]
         return ids
 
+    def encode_documents(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of raw documents (e.g. web text for pre-training), in parallel.
+
+        Unlike `encode`, special-token strings written in the text (`<|im_start|>`) stay plain
+        text, so a page cannot inject control tokens into training data.
+        """
+        self.backend.encode_special_tokens = True
+        try:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        finally:
+            self.backend.encode_special_tokens = False
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
