@@ -57,6 +57,10 @@ def curate(
     only: Annotated[
         str | None, typer.Option(help="Comma-separated stages to run, in this order (e.g. 'pii').")
     ] = None,
+    quality_model: Annotated[
+        Path | None,
+        typer.Option(help="fastText quality model (afm data train-quality); enables that stage."),
+    ] = None,
     eval_sets: Annotated[
         list[str] | None,
         typer.Option(
@@ -82,6 +86,8 @@ def curate(
         from openafm.data.readers import input_files
 
         config = CurateConfig.from_file(config_file) if config_file else CurateConfig()
+        if quality_model:
+            config = dataclasses.replace(config, quality_model=str(quality_model))
         if eval_sets:
             config = dataclasses.replace(config, eval_sets=tuple(eval_sets))
         if only:
@@ -155,4 +161,33 @@ def shards(
                 f"{manifest['documents']} documents, {manifest['tokens']} tokens in"
                 f" {len(manifest['shards'])} shard(s) → {out}",
                 highlight=False,
+            )
+
+
+@app.command("train-quality")
+def train_quality(
+    positive: Annotated[
+        Path, typer.Option(help="Reference-quality texts: JSONL (text field) or plain text.")
+    ],
+    negative: Annotated[
+        Path, typer.Option(help="Raw web texts: JSONL (text field) or plain text.")
+    ],
+    out: Annotated[Path, typer.Option(help="Model file to write (metrics go beside it as .json).")],
+    test_fraction: Annotated[float, typer.Option(min=0.05, max=0.5, help="Held-out share.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Train the fastText quality classifier and report held-out accuracy and ROC AUC."""
+    with user_errors():
+        from openafm.data.quality import read_texts, train_quality_model
+
+        pos, neg = read_texts(positive), read_texts(negative)
+        with err_console.status(f"training on {len(pos)} + {len(neg)} texts…", spinner="dots"):
+            metrics = train_quality_model(pos, neg, out, test_fraction=test_fraction, seed=seed)
+        if json_output:
+            print_json(metrics)
+        else:
+            print(
+                f"held-out accuracy {metrics['accuracy']:.3f}, ROC AUC {metrics['roc_auc']:.3f}"
+                f" on {metrics['test_examples']} texts → {out}"
             )

@@ -18,6 +18,7 @@ DOCUMENT_STAGES = (
     "fineweb",
     "profanity",
     "pii",
+    "quality_model",
 )
 CORPUS_STAGES = ("exact_dedup", "fuzzy_dedup", "decontaminate")
 ALL_STAGES = DOCUMENT_STAGES + CORPUS_STAGES
@@ -35,9 +36,11 @@ class CurateConfig:
     profanity_max_ratio: float = 0.01
     pii_max_hits: int = 20
     minhash_ngrams: int = 5
-    minhash_bands: int = 14
-    minhash_rows: int = 8
+    minhash_bands: int = 16  # 16 bands x 12 rows: candidates from about 0.79 Jaccard
+    minhash_rows: int = 12
     seed: int = 1
+    quality_model: str = ""  # fastText model from `afm data train-quality`; empty: stage skipped
+    quality_threshold: float = 0.5
     eval_sets: tuple[str, ...] = ()  # files whose 13-grams must not appear in the corpus
     decontam_ngram: int = 13
     decontam_max_docs: int = 10  # an n-gram in more corpus documents than this is "common"
@@ -56,6 +59,18 @@ class CurateConfig:
     @property
     def corpus_stages(self) -> tuple[str, ...]:
         return tuple(s for s in CORPUS_STAGES if s in self.stages)
+
+    def minhash_s_curve(self) -> dict:
+        """Probability that two documents with 5-gram Jaccard similarity s become duplicates."""
+        b, r = self.minhash_bands, self.minhash_rows
+        return {
+            "bands": b,
+            "rows": r,
+            "threshold": round((1 / b) ** (1 / r), 3),
+            "p_duplicate": {
+                f"{s:g}": round(1 - (1 - s**r) ** b, 4) for s in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+            },
+        }
 
     @classmethod
     def from_file(cls, path: Path | str) -> CurateConfig:

@@ -36,6 +36,7 @@ from datatrove.pipeline.writers import JsonlWriter
 
 from openafm.data.config import CurateConfig
 from openafm.data.decontaminate import Decontaminate, EvalNgramCounter, build_eval_index
+from openafm.data.quality import QualityScore
 from openafm.data.readers import WebReader, input_files
 from openafm.data.report import write_report
 from openafm.data.stages import ExtractMainText, Intake, LanguageId, OptOut, Pii, Profanity
@@ -70,6 +71,8 @@ def _document_stage(name: str, config: CurateConfig, removed: Path, robots_dir: 
         return Profanity(config.profanity_max_ratio, exclusion_writer=excl)
     if name == "pii":
         return Pii(config.pii_max_hits, exclusion_writer=excl)
+    if name == "quality_model":
+        return QualityScore(config.quality_model, config.quality_threshold, exclusion_writer=excl)
     raise ValueError(f"unknown stage {name}")
 
 
@@ -90,8 +93,8 @@ def curate(
     out = Path(out).resolve()
     files = input_files(inputs)
     stages = config.document_stages
-    if "optout" in stages and robots_dir is None:
-        stages = tuple(s for s in stages if s != "optout")
+    skipped = {"optout": robots_dir is None, "quality_model": not config.quality_model}
+    stages = tuple(s for s in stages if not skipped.get(s))
     corpus = [s for s in config.corpus_stages if s != "decontaminate" or config.eval_sets]
     removed, work, logs = out / "removed", out / "work", out / "logs"
     tasks = len(files)
@@ -153,8 +156,8 @@ def curate(
         previous = runner
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no stage may reach the network
     previous.run()
-    report = write_report(out, [(name, labels) for name, _, labels in phases])
-    return report
+    extra = {"minhash": config.minhash_s_curve()} if "fuzzy_dedup" in corpus else {}
+    return write_report(out, [(name, labels) for name, _, labels in phases], extra)
 
 
 def _executor_factory(kind: str, workers: int, logs: Path):

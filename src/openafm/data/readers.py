@@ -151,6 +151,16 @@ def read_jsonl(path: str) -> Iterator[Document]:
             yield Document(text, str(row.get("id", doc_id)), metadata=meta)
 
 
+def read_web_file(path: str) -> Iterator[Document]:
+    """Documents of one input file, by its suffix."""
+    name = path.lower()
+    if name.endswith(WARC_SUFFIXES):
+        return read_warc(path)
+    if name.endswith(HTML_SUFFIXES):
+        return read_html_file(path)
+    return read_jsonl(path)
+
+
 class WebReader(PipelineStep):
     """Reads its share of the input files (task `rank` of `world_size` takes every n-th file)."""
 
@@ -165,13 +175,6 @@ class WebReader(PipelineStep):
         self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1
     ) -> DocumentsPipeline:
         for path in self.files[rank::world_size]:
-            name = path.lower()
-            if name.endswith(WARC_SUFFIXES):
-                docs = read_warc(path)
-            elif name.endswith(HTML_SUFFIXES):
-                docs = read_html_file(path)
-            else:
-                docs = read_jsonl(path)
-            for doc in docs:
+            for doc in read_web_file(path):
                 self.stat_update("documents")
                 yield doc

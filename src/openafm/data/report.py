@@ -64,13 +64,16 @@ def stage_stats(out: Path, phases: list[tuple[str, list[str | None]]]) -> list[d
     return rows
 
 
-def write_report(out: Path, phases: list[tuple[str, list[str | None]]]) -> dict:
+def write_report(
+    out: Path, phases: list[tuple[str, list[str | None]]], extra: dict | None = None
+) -> dict:
     """Write `stats.json` and `report.md`; raise `CurationError` if a stage emptied its input."""
     rows = stage_stats(out, phases)
     report = {
         "documents_in": rows[0]["in"] if rows else 0,
         "documents_kept": rows[-1]["out"] if rows else 0,
         "stages": rows,
+        **(extra or {}),
     }
     write_json_atomic(out / "stats.json", report)
     (out / "report.md").write_text(render_markdown(report))
@@ -98,6 +101,17 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {r['stage']} | {r['in']} | {r['out']} | {r['removed']} | {reasons} | {r['seconds']} |"
         )
+    if "minhash" in report:
+        m = report["minhash"]
+        lines += [
+            "",
+            f"Fuzzy dedup: MinHash over 5-gram shingles, {m['bands']} bands x {m['rows']} rows"
+            f" (threshold about {m['threshold']} Jaccard). Probability of removal by similarity:",
+            "",
+            "| Jaccard | " + " | ".join(m["p_duplicate"]) + " |",
+            "|---|" + "---:|" * len(m["p_duplicate"]),
+            "| p | " + " | ".join(str(v) for v in m["p_duplicate"].values()) + " |",
+        ]
     return "\n".join(lines) + "\n"
 
 
