@@ -4,34 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from openafm.cli.common import err_console, print_json, user_errors
+from openafm.cli.task_progress import logs_to_file_with_progress
 
 app = typer.Typer(help="Curate web data into clean, deduplicated documents.", no_args_is_help=True)
-
-
-@contextmanager
-def _logs_to(path: Path) -> Iterator[None]:
-    """Send standard error (datatrove's per-task logs, worker processes included) to a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "ab") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 @app.command()
@@ -75,6 +56,12 @@ def curate(
         ),
     ] = "local",
     workers: Annotated[int, typer.Option(min=1, help="Parallel worker processes.")] = 1,
+    tasks: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Pieces to cut the input into (default: 64 MB each, >= 4 per worker)."
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show datatrove's logs.")
     ] = False,
@@ -93,18 +80,22 @@ def curate(
         if only:
             config = dataclasses.replace(config, stages=tuple(s.strip() for s in only.split(",")))
         input_files(inputs)  # a missing input is reported before any work starts
-        log = out / "logs" / "curate.log"
-        if not verbose:
-            err_console.print(f"curating… (logs: {log})", highlight=False)
         try:
-            with contextlib.nullcontext() if verbose else _logs_to(log):
+            with contextlib.nullcontext() if verbose else logs_to_file_with_progress(out / "logs"):
                 stats = run_curate(
-                    inputs, out, config, robots_dir=robots, workers=workers, executor=executor
+                    inputs,
+                    out,
+                    config,
+                    robots_dir=robots,
+                    workers=workers,
+                    executor=executor,
+                    tasks=tasks,
                 )
         except CurationError as exc:
             raise ValueError(str(exc)) from None
         err_console.print(
-            f"{stats['documents_in']} documents read, {stats['documents_kept']} kept → {out}/kept",
+            f"{stats['documents_in']} documents read, {stats['documents_kept']} kept → {out}/kept"
+            f" (report: {out}/report.md, logs: {out}/logs/curate.log)",
             highlight=False,
         )
 

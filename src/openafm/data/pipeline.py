@@ -41,6 +41,8 @@ from openafm.data.readers import WebReader, input_files
 from openafm.data.report import write_report
 from openafm.data.stages import ExtractMainText, Intake, LanguageId, OptOut, Pii, Profanity
 
+TASK_BYTES = 64 * 1024 * 1024
+
 
 def normalised_text(doc) -> str:
     """What exact dedup compares: lower-cased text with whitespace collapsed."""
@@ -84,11 +86,14 @@ def curate(
     robots_dir: str | None = None,
     workers: int = 1,
     executor: str = "local",
+    tasks: int | None = None,
 ) -> dict:
     """Run the pipeline; return the stats written to `out/stats.json`.
 
     `executor="ray"` runs every task on the Ray cluster `ray.init()` connected to (a local one
     is started if none is); the output folder must then be on storage all workers share.
+    `tasks` is how many pieces the input is cut into (default: one per 64 MB of input, at least
+    four per worker, at most one per file); a rerun skips the pieces already done.
     """
     out = Path(out).resolve()
     files = input_files(inputs)
@@ -97,7 +102,10 @@ def curate(
     stages = tuple(s for s in stages if not skipped.get(s))
     corpus = [s for s in config.corpus_stages if s != "decontaminate" or config.eval_sets]
     removed, work, logs = out / "removed", out / "work", out / "logs"
-    tasks = len(files)
+    if tasks is None:
+        size = sum(Path(f).stat().st_size for f in files)
+        tasks = max(4 * workers, size // TASK_BYTES)
+    tasks = max(1, min(tasks, len(files)))
     make = _executor_factory(executor, workers, logs)
 
     filtered = work / "filtered" if corpus else out / "kept"
