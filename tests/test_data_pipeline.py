@@ -271,8 +271,8 @@ def test_quality_classifier_separates_prose_from_raw_pages(tmp_path):
         for w in sorted((FIXTURES / "warc").glob("sample-*.warc.gz"))
         for t in read_texts(w, window=80)
     ]
-    model = tmp_path / "quality.ftz"
-    metrics = train_quality_model(positive, negative, model, test_fraction=0.3, epochs=10)
+    model = tmp_path / "quality.npz"
+    metrics = train_quality_model(positive, negative, model, test_fraction=0.3)
     assert metrics["test_examples"] >= 30
     assert metrics["roc_auc"] >= 0.9 and metrics["accuracy"] >= 0.8, metrics
     assert json.loads(model.with_suffix(".json").read_text()) == metrics

@@ -40,7 +40,7 @@ def curate(
     ] = None,
     quality_model: Annotated[
         Path | None,
-        typer.Option(help="fastText quality model (afm data train-quality); enables that stage."),
+        typer.Option(help="Quality model (.npz from afm data train-quality); enables that stage."),
     ] = None,
     eval_sets: Annotated[
         list[str] | None,
@@ -62,6 +62,9 @@ def curate(
             min=1, help="Pieces to cut the input into (default: 64 MB each, >= 4 per worker)."
         ),
     ] = None,
+    count_tokens: Annotated[
+        bool, typer.Option(help="Count tokens per stage with the default model's tokenizer.")
+    ] = True,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show datatrove's logs.")
     ] = False,
@@ -80,6 +83,12 @@ def curate(
         if only:
             config = dataclasses.replace(config, stages=tuple(s.strip() for s in only.split(",")))
         input_files(inputs)  # a missing input is reported before any work starts
+        if count_tokens:
+            from openafm.runtime import load_tokenizer_for
+
+            load_tokenizer_for().save(out / "work" / "tokenizer")
+            tokenizer_file = str((out / "work" / "tokenizer" / "tokenizer.json").resolve())
+            config = dataclasses.replace(config, tokenizer_file=tokenizer_file)
         try:
             with contextlib.nullcontext() if verbose else logs_to_file_with_progress(out / "logs"):
                 stats = run_curate(
@@ -168,7 +177,7 @@ def train_quality(
     seed: Annotated[int, typer.Option(help="Split and training seed.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
-    """Train the fastText quality classifier and report held-out accuracy and ROC AUC."""
+    """Train the quality classifier (hashed n-gram logistic regression) and report held-out accuracy and ROC AUC."""
     with user_errors():
         from openafm.data.quality import read_texts, train_quality_model
 

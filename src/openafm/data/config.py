@@ -39,7 +39,8 @@ class CurateConfig:
     minhash_bands: int = 16  # 16 bands x 12 rows: candidates from about 0.79 Jaccard
     minhash_rows: int = 12
     seed: int = 1
-    quality_model: str = ""  # fastText model from `afm data train-quality`; empty: stage skipped
+    tokenizer_file: str = ""  # tokenizer.json to count tokens per stage with; empty: chars only
+    quality_model: str = ""  # .npz model from `afm data train-quality`; empty: stage skipped
     quality_threshold: float = 0.5
     eval_sets: tuple[str, ...] = ()  # files whose 13-grams must not appear in the corpus
     decontam_ngram: int = 13

@@ -33,6 +33,7 @@ from datatrove.pipeline.filters import (
     GopherRepetitionFilter,
 )
 from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.tokens import TokensCounter
 from datatrove.pipeline.writers import JsonlWriter
 
 from openafm.data.config import CurateConfig
@@ -43,6 +44,7 @@ from openafm.data.report import write_report
 from openafm.data.stages import ExtractMainText, Intake, LanguageId, OptOut, Pii, Profanity
 
 TASK_BYTES = 64 * 1024 * 1024
+TEXT_CHANGING_STAGES = ("extract", "c4", "pii")  # token counts are refreshed after these
 # Workers start by fork on Linux: forkserver re-imports datatrove, spaCy and fastText in every
 # worker of every phase, which made 2 workers 2x slower than 1 on 12 MB of pages (fork: 1.4x
 # faster). The stages use no torch, OpenMP or other state that fork would break.
@@ -115,9 +117,15 @@ def curate(
 
     filtered = work / "filtered" if corpus else out / "kept"
     steps = [WebReader(files), Intake(exclusion_writer=JsonlWriter(str(removed / "intake")))]
-    steps += [_document_stage(s, config, removed, robots_dir) for s in stages]
+    labels: list[str | None] = ["read", "intake"]
+    for stage in stages:
+        steps.append(_document_stage(stage, config, removed, robots_dir))
+        labels.append(stage)
+        if config.tokenizer_file and stage in TEXT_CHANGING_STAGES:
+            steps.append(TokensCounter(config.tokenizer_file))
+            labels.append(None)
     steps.append(JsonlWriter(str(filtered)))
-    phases = [("documents", make("documents", steps, tasks), ["read", "intake", *stages, None])]
+    phases = [("documents", make("documents", steps, tasks), [*labels, None])]
 
     current = filtered
     for stage in corpus:

