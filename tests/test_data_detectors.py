@@ -114,3 +114,18 @@ def test_robots_rejects_a_folder_that_is_not_a_date(tmp_path):
     write_robots(tmp_path, "latest", "a.example", "User-agent: *\nDisallow: /\n")
     with pytest.raises(ValueError, match="not a date"):
         RobotsSnapshots(tmp_path)
+
+
+def test_curate_config_from_toml(tmp_path):
+    from openafm.data import CurateConfig
+
+    path = tmp_path / "curate.toml"
+    path.write_text('stages = ["language", "pii"]\nlanguages = ["en", "de"]\npii_max_hits = 3\n')
+    config = CurateConfig.from_file(path)
+    assert config.stages == ("language", "pii") and config.languages == ("en", "de")
+    assert config.document_stages == ("language", "pii") and config.corpus_stages == ()
+    path.write_text("pii_max_hit = 3\n")
+    with pytest.raises(ValueError, match="unknown setting"):
+        CurateConfig.from_file(path)
+    with pytest.raises(ValueError, match="unknown stage"):
+        CurateConfig(stages=("pii", "dedupe"))

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor.base import PipelineExecutor
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import (
     ExactDedupConfig,
     ExactDedupFilter,
@@ -131,44 +134,9 @@ def curate(
     for stage in corpus:
         target = out / "kept" if stage == corpus[-1] else work / f"{stage}_kept"
         excl = JsonlWriter(str(removed / stage))
-        if stage == "exact_dedup":
-            exact = ExactDedupConfig(content_getter=normalised_text)
-            sigs, dups = str(work / "exact_sigs"), str(work / "exact_dups")
-            phases += [
-                ("exact_signatures", make("exact_signatures", [JsonlReader(str(current)), ExactDedupSignature(sigs, exact)], tasks), []),
-                ("exact_find", make("exact_find", [ExactFindDedups(sigs, dups, exact)], 1), []),
-            ]  # fmt: skip
-            last = ExactDedupFilter(dups, exact, exclusion_writer=excl)
-        elif stage == "fuzzy_dedup":
-            minhash = MinhashConfig(
-                n_grams=config.minhash_ngrams,
-                num_buckets=config.minhash_bands,
-                hashes_per_bucket=config.minhash_rows,
-                seed=config.seed,
-            )
-            sigs, buckets, clusters = (
-                str(work / f"minhash_{x}") for x in ("sigs", "buckets", "clusters")
-            )
-            phases += [
-                ("fuzzy_signatures", make("fuzzy_signatures", [JsonlReader(str(current)), MinhashDedupSignature(sigs, config=minhash)], tasks), []),
-                ("fuzzy_buckets", make("fuzzy_buckets", [MinhashDedupBuckets(sigs, buckets, config=minhash)], minhash.num_buckets), []),
-                ("fuzzy_cluster", make("fuzzy_cluster", [MinhashDedupCluster(buckets, clusters, config=minhash)], 1), []),
-            ]  # fmt: skip
-            last = MinhashDedupFilter(clusters, exclusion_writer=excl)
-        else:
-            index, counts = work / "decontam" / "eval_ngrams.npy", str(work / "decontam" / "counts")
-            build_eval_index(list(config.eval_sets), config.decontam_ngram, index)
-            counter = EvalNgramCounter(str(index), counts, config.decontam_ngram)
-            phases.append(
-                (
-                    "decontam_count",
-                    make("decontam_count", [JsonlReader(str(current)), counter], tasks),
-                    [],
-                )
-            )
-            last = Decontaminate(str(index), counts, config.decontam_ngram, config.decontam_max_docs, exclusion_writer=excl)  # fmt: skip
+        before, last = _corpus_stage(stage, config, str(current), work, excl, make, tasks)
         steps = [JsonlReader(str(current)), last, JsonlWriter(str(target))]
-        phases.append((stage, make(stage, steps, tasks), [None, stage, None]))
+        phases += [*before, (stage, make(stage, steps, tasks), [None, stage, None])]
         current = target
 
     previous = None
@@ -181,7 +149,66 @@ def curate(
     return write_report(out, [(name, labels) for name, _, labels in phases], extra)
 
 
-def _executor_factory(kind: str, workers: int, logs: Path):
+def _corpus_stage(
+    stage: str,
+    config: CurateConfig,
+    source: str,
+    work: Path,
+    excl: JsonlWriter,
+    make: Callable[[str, list, int], PipelineExecutor],
+    tasks: int,
+) -> tuple[list[tuple[str, PipelineExecutor, list]], PipelineStep]:
+    """The phases a whole-corpus stage needs before its filter, and that filter."""
+    if stage == "exact_dedup":
+        exact = ExactDedupConfig(content_getter=normalised_text)
+        sigs, dups = str(work / "exact_sigs"), str(work / "exact_dups")
+        before = [
+            ("exact_signatures", [JsonlReader(source), ExactDedupSignature(sigs, exact)], tasks),
+            ("exact_find", [ExactFindDedups(sigs, dups, exact)], 1),
+        ]
+        last = ExactDedupFilter(dups, exact, exclusion_writer=excl)
+    elif stage == "fuzzy_dedup":
+        minhash = MinhashConfig(
+            n_grams=config.minhash_ngrams,
+            num_buckets=config.minhash_bands,
+            hashes_per_bucket=config.minhash_rows,
+            seed=config.seed,
+        )
+        sigs, buckets, clusters = (
+            str(work / f"minhash_{x}") for x in ("sigs", "buckets", "clusters")
+        )
+        before = [
+            (
+                "fuzzy_signatures",
+                [JsonlReader(source), MinhashDedupSignature(sigs, config=minhash)],
+                tasks,
+            ),
+            (
+                "fuzzy_buckets",
+                [MinhashDedupBuckets(sigs, buckets, config=minhash)],
+                minhash.num_buckets,
+            ),
+            ("fuzzy_cluster", [MinhashDedupCluster(buckets, clusters, config=minhash)], 1),
+        ]
+        last = MinhashDedupFilter(clusters, exclusion_writer=excl)
+    else:
+        index, counts = work / "decontam" / "eval_ngrams.npy", str(work / "decontam" / "counts")
+        n, max_docs = config.decontam_ngram, config.decontam_max_docs
+        build_eval_index(list(config.eval_sets), n, index)
+        before = [
+            (
+                "decontam_count",
+                [JsonlReader(source), EvalNgramCounter(str(index), counts, n)],
+                tasks,
+            )
+        ]
+        last = Decontaminate(str(index), counts, n, max_docs, exclusion_writer=excl)
+    return [(name, make(name, steps, n_tasks), []) for name, steps, n_tasks in before], last
+
+
+def _executor_factory(
+    kind: str, workers: int, logs: Path
+) -> Callable[[str, list, int], PipelineExecutor]:
     """`make(name, steps, tasks)` → a datatrove executor of the chosen kind."""
     if kind == "local":
         return lambda name, steps, tasks: LocalPipelineExecutor(
