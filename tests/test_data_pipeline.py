@@ -13,6 +13,7 @@ import pytest
 
 from openafm.data import CurateConfig, CurationError, curate
 from openafm.data.shards import read_shards, write_shards
+from openafm.runtime import load_tokenizer_for
 from tests.conftest import byte_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -183,6 +184,7 @@ def afm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "openafm", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # counts tokens with the default model's tokenizer
 def test_cli_only_pii_masks_a_jsonl_corpus(tmp_path):
     data = tmp_path / "in.jsonl"
     data.write_text(
@@ -195,7 +197,11 @@ def test_cli_only_pii_masks_a_jsonl_corpus(tmp_path):
     [row] = read_jsonl_gz(tmp_path / "o" / "kept")
     assert row["text"] == "Reach me at <EMAIL> or <PHONE> today."
     stats = afm("data", "stats", str(tmp_path / "o"), "--json")
-    assert json.loads(stats.stdout)["documents_kept"] == 1
+    report = json.loads(stats.stdout)
+    assert report["documents_kept"] == 1
+    assert report["stages"][-1]["tokens_out"] == len(
+        load_tokenizer_for().encode_documents([row["text"]])[0]
+    )
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
@@ -209,22 +215,21 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.returncode == 1 and "no stats.json" in result.stderr
 
 
-def test_ray_executor_gives_the_local_result(tmp_path):
-    data = tmp_path / "in.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"text": f"Doc {i}: write to user{i}@example.org."}) + "\n" for i in range(5)
-        )
-    )
-    for executor in ("local", "ray"):  # Ray gets one CPU so it cannot starve the test process
+def test_ray_executor_and_two_local_workers_give_one_result(tmp_path):
+    for part in range(3):
+        rows = [{"text": f"Doc {part}.{i}: write to user{i}@example.org."} for i in range(5)]
+        (tmp_path / f"in{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    inputs = [a for p in range(3) for a in ("--input", str(tmp_path / f"in{p}.jsonl"))]
+    # Ray gets one CPU so it cannot starve the test process; local runs 2 worker processes.
+    for executor, workers in (("local", "2"), ("ray", "1")):
         result = afm(
-            "data", "curate", "--input", str(data), "--out", str(tmp_path / executor),
-            "--only", "pii", "--executor", executor, "--workers", "1",
+            "data", "curate", *inputs, "--out", str(tmp_path / executor), "--only", "pii",
+            "--executor", executor, "--workers", workers, "--no-count-tokens",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
     local, ray = (read_jsonl_gz(tmp_path / e / "kept") for e in ("local", "ray"))
-    assert [r["text"] for r in ray] == [r["text"] for r in local]
-    assert all("<EMAIL>" in r["text"] for r in ray) and len(ray) == 5
+    assert sorted(r["text"] for r in ray) == sorted(r["text"] for r in local)
+    assert all("<EMAIL>" in r["text"] for r in ray) and len(ray) == 15
 
 
 def test_token_shards_round_trip_the_kept_documents(constructed, tmp_path):
@@ -329,7 +334,7 @@ def test_a_killed_run_resumes_without_redoing_or_duplicating(tmp_path):
         inputs += ["--input", str(path)]
     out = tmp_path / "out"
     base = [sys.executable, "-m", "openafm", "data", "curate", *inputs]
-    only = ["--only", "language,gopher_repetition,exact_dedup"]
+    only = ["--only", "language,gopher_repetition,exact_dedup", "--no-count-tokens"]
     cmd = [*base, "--out", str(out), *only]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
