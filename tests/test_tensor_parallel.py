@@ -43,6 +43,7 @@ def _worker(rank: int, world: int, port: int, sequence_parallel: bool, out: str)
             got = model(ids)
         if rank == 0:
             torch.save({"expected": expected, "got": got}, out)
+        dist.barrier()  # gloo can abort if one rank tears down while the other still talks
     finally:
         dist.destroy_process_group()
 
