@@ -26,6 +26,8 @@ FORMAT = "openafm-token-shards/1"
 def iter_documents(folder: Path | str) -> Iterator[str]:
     """Texts of the JSONL (optionally gzip) documents in `folder`, in file-name order."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"documents folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
     if not files:
         raise FileNotFoundError(f"no .jsonl or .jsonl.gz documents in {folder}")
