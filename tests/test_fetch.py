@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
+from openafm.files import sha256_file
 from openafm.io import KNOWN_MODELS, fetch_model, resolve_model
-from openafm.io.fetch import DEFAULT_MODEL, cached_path, sha256_file
+from openafm.io.fetch import DEFAULT_MODEL, cached_path
 from tests.test_cli import afm
 
 pytestmark = pytest.mark.slow

@@ -22,6 +22,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from openafm.data.readers import HTML_SUFFIXES, WARC_SUFFIXES, read_web_file
+from openafm.files import write_json_atomic
 
 
 def read_texts(path: Path | str, min_words: int = 20, window: int = 200) -> list[str]:
@@ -166,7 +167,7 @@ def train_quality_model(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
-    out.with_suffix(".json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json_atomic(out.with_suffix(".json"), metrics)
     return metrics
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from openafm.io.hf_checkpoint import write_json_atomic
+from openafm.files import write_json_atomic
 
 
 class CurationError(RuntimeError):

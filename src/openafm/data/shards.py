@@ -9,7 +9,6 @@ trainer can check what it reads. Files are written under temporary names and ren
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openafm.files import sha256_file, write_json_atomic
 from openafm.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -37,14 +37,6 @@ def iter_documents(folder: Path | str) -> Iterator[str]:
             for line in f:
                 if line.strip():
                     yield json.loads(line)["text"]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_shards(
@@ -80,7 +72,7 @@ def write_shards(
                 "file": name,
                 "tokens": int(tokens.size),
                 "documents": pending_docs,
-                "sha256": _sha256(out / name),
+                "sha256": sha256_file(out / name),
             }
         )
         pending, pending_docs, pending_tokens = [], 0, 0
@@ -112,9 +104,7 @@ def write_shards(
         "source": str(Path(documents).resolve()),
         "shards": shards,
     }
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
@@ -130,7 +120,7 @@ def read_shards(folder: Path | str, *, verify: bool = True) -> tuple[dict, list[
     arrays = []
     for shard in manifest["shards"]:
         file = folder / shard["file"]
-        if verify and _sha256(file) != shard["sha256"]:
+        if verify and sha256_file(file) != shard["sha256"]:
             raise ValueError(f"{file}: checksum mismatch (corrupt or changed since it was written)")
         array = np.memmap(file, dtype=manifest["dtype"], mode="r")
         if array.size != shard["tokens"]:

@@ -8,7 +8,6 @@ corrupt file is detected and replaced, never used.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from openafm.files import sha256_file
 from openafm.io.errors import FetchError
 
 log = logging.getLogger("openafm")
@@ -54,14 +54,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 def openafm_home() -> Path:
     return Path(os.environ.get("OPENAFM_HOME") or Path.home() / ".cache" / "openafm")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cached_path(model: KnownModel, home: Path | None = None) -> Path:

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from openafm.files import write_json_atomic
 from openafm.io.errors import CheckpointError
 from openafm.io.gguf_file import Checkpoint
 from openafm.io.names import convert_name
@@ -129,9 +130,3 @@ def write_hf(
     os.replace(tmp, directory / WEIGHTS_FILE)
     write_json_atomic(directory / CONFIG_FILE, config_to_hf(config, extra))
     return directory
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
