@@ -11,7 +11,6 @@ training turned non-deterministic and hit NaNs.
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from pathlib import Path
@@ -21,7 +20,13 @@ from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
-from openafm.data.readers import HTML_SUFFIXES, WARC_SUFFIXES, read_web_file
+from openafm.data.readers import (
+    HTML_SUFFIXES,
+    JSONL_SUFFIXES,
+    WARC_SUFFIXES,
+    open_text,
+    read_web_file,
+)
 from openafm.files import write_json_atomic
 
 
@@ -41,9 +46,8 @@ def read_texts(path: Path | str, min_words: int = 20, window: int = 200) -> list
         raw = [
             visible_text(d.text) for d in read_web_file(str(path)) if not d.metadata.get("reject")
         ]
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
+    elif name.endswith(JSONL_SUFFIXES):
+        with open_text(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         raw = [
             r["text"] if "text" in r else " ".join(v for v in r.values() if isinstance(v, str))

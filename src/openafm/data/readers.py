@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -44,6 +45,12 @@ def input_files(paths: list[str]) -> list[str]:
     return sorted(set(found))
 
 
+def open_text(path: str | Path, errors: str = "strict") -> IO[str]:
+    """A UTF-8 text file, gunzipped on the fly when its name ends in `.gz`."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8", errors=errors)
+
+
 def decode_html(body: bytes, content_type: str = "") -> str | None:
     """HTML bytes as text: the declared charset (header, then meta tag), then UTF-8; None if neither fits."""
     declared = _CHARSET.search(content_type.encode()) or _CHARSET.search(body[:4096])
@@ -55,10 +62,7 @@ def decode_html(body: bytes, content_type: str = "") -> str | None:
     return None
 
 
-def _html_document(
-    body: bytes, *, doc_id: str, url: str, date: str, source: str, content_type: str = ""
-) -> Document:
-    metadata = {"url": url, "date": date, "source": source, "format": "html"}
+def _html_document(body: bytes, doc_id: str, metadata: dict, content_type: str = "") -> Document:
     if len(body) > MAX_PAGE_BYTES:
         return Document("", doc_id, metadata=metadata | {"reject": "too_large"})
     if not body.strip():
@@ -92,30 +96,16 @@ def read_warc(path: str) -> Iterator[Document]:
                 elif record.rec_type != "response":
                     content_type = headers.get_header("Content-Type") or ""
                 body = record.content_stream().read(MAX_PAGE_BYTES + 1)
+                status = record.http_headers.get_statuscode() if record.http_headers else None
                 meta = {"url": url, "date": date, "source": path, "format": "html"}
                 if record.digest_checker.passed is False:  # truncated or corrupted on disk
                     yield Document("", doc_id, metadata=meta | {"reject": "corrupt_record"})
-                elif (
-                    record.http_headers is not None
-                    and record.http_headers.get_statuscode()
-                    not in (
-                        "200",
-                        None,
-                    )
-                ):
-                    status = record.http_headers.get_statuscode()
+                elif status not in ("200", None):
                     yield Document("", doc_id, metadata=meta | {"reject": f"http_{status}"})
                 elif content_type and "html" not in content_type.lower():
                     yield Document("", doc_id, metadata=meta | {"reject": "not_html"})
                 else:
-                    yield _html_document(
-                        body,
-                        doc_id=doc_id,
-                        url=url,
-                        date=date,
-                        source=path,
-                        content_type=content_type,
-                    )
+                    yield _html_document(body, doc_id, meta, content_type)
     except (ArchiveLoadFailed, EOFError, OSError, ValueError) as err:
         yield Document(
             "",
@@ -125,14 +115,13 @@ def read_warc(path: str) -> Iterator[Document]:
 
 
 def read_html_file(path: str) -> Iterator[Document]:
-    body = Path(path).read_bytes()
-    yield _html_document(body, doc_id=path, url=Path(path).name, date="", source=path)
+    meta = {"url": Path(path).name, "date": "", "source": path, "format": "html"}
+    yield _html_document(Path(path).read_bytes(), path, meta)
 
 
 def read_jsonl(path: str) -> Iterator[Document]:
     """`{"text": ..., "id"?: ..., "url"?: ...}` lines: already text, so extraction is skipped."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+    with open_text(path, errors="replace") as f:
         for n, line in enumerate(f):
             doc_id = f"{path}#{n}"
             try:

@@ -8,7 +8,6 @@ trainer can check what it reads. Files are written under temporary names and ren
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openafm.data.readers import JSONL_SUFFIXES, open_text
 from openafm.files import sha256_file, write_json_atomic
 from openafm.tokenizer import Tokenizer
 
@@ -28,12 +28,11 @@ def iter_documents(folder: Path | str) -> Iterator[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"documents folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(JSONL_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"no .jsonl or .jsonl.gz documents in {folder}")
     for path in files:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
+        with open_text(path) as f:
             for line in f:
                 if line.strip():
                     yield json.loads(line)["text"]
