@@ -27,21 +27,19 @@ def stage_stats(out: Path, phases: list[tuple[str, list[str | None]]]) -> list[d
         steps = json.loads(path.read_text())
         last: dict | None = None
         for label, step in zip(labels, steps, strict=False):
+            stats = {
+                k: _count(v) for k, v in step["stats"].items() if isinstance(v, int | float | dict)
+            }
             if label is None:
                 # A token counter or writer right after a stage sees that stage's output.
-                tokens = step["stats"].get("doc_len_tokens", step["stats"].get("tokens"))
+                tokens = stats.get("doc_len_tokens", stats.get("tokens"))
                 if (
                     last is not None
-                    and isinstance(tokens, dict)
+                    and tokens is not None
                     and any(kind in step["name"] for kind in ("TOKENIZER", "WRITER"))
                 ):
-                    last["tokens_out"] = tokens.get("total", 0)
+                    last["tokens_out"] = tokens
                 continue
-            stats = {
-                k: _count(v) if k != "doc_len" else v
-                for k, v in step["stats"].items()
-                if isinstance(v, int | float | dict)
-            }
             if "total" in stats:  # a filter: datatrove omits counters that stayed at zero
                 seen, kept = stats["total"], stats.get("forwarded", 0)
             else:  # the reader
@@ -54,8 +52,6 @@ def stage_stats(out: Path, phases: list[tuple[str, list[str | None]]]) -> list[d
                 other = "duplicate" if label.endswith("dedup") else "unspecified"
                 reasons[other] = dropped - sum(reasons.values())
             extra = {k: v for k, v in stats.items() if k.startswith("masked_")}
-            chars = stats.get("doc_len", {})
-            tokens = step["stats"].get("doc_len_tokens", {})
             seconds = step.get("time_stats", {})
             last = {
                 "stage": label,
@@ -63,8 +59,8 @@ def stage_stats(out: Path, phases: list[tuple[str, list[str | None]]]) -> list[d
                 "out": kept,
                 "removed": dropped,
                 "removed_by_reason": dict(sorted(reasons.items())),
-                "chars_out": chars.get("total", 0) if isinstance(chars, dict) else 0,
-                "tokens_out": tokens.get("total", 0) if isinstance(tokens, dict) else 0,
+                "chars_out": stats.get("doc_len", 0),
+                "tokens_out": stats.get("doc_len_tokens", 0),
                 "seconds": round(seconds.get("total", 0.0), 3)
                 if isinstance(seconds, dict)
                 else 0.0,
