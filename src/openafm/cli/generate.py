@@ -9,7 +9,7 @@ import torch
 import typer
 
 from openafm.cli.common import err_console, print_json, read_prompt, user_errors
-from openafm.runtime import Engine, SamplingParams, load_pretrained
+from openafm.runtime import SamplingParams, engine_for, load_pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -44,6 +44,13 @@ def generate(
             help="Prompt-processing precision: float32 (exact) or bfloat16 (faster on CPUs with bf16 units)."
         ),
     ] = "float32",
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="Feature adapter to apply (name from `afm adapter list`, or a path)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Use the adapter even if it was trained on another base.")
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate an answer. Chat is the default for instruct models; plain output streams the text."""
@@ -65,17 +72,15 @@ def generate(
         )
         with err_console.status("loading model…", spinner="dots"):
             pretrained = load_pretrained(model)
-        engine = Engine(
-            pretrained.model, pretrained.tokenizer, prefill_dtype=_DTYPES[prefill_dtype]
-        )
+        engine = engine_for(pretrained, prefill_dtype=_DTYPES[prefill_dtype], force_adapters=force)
         ids = engine.encode(
             text, chat=chat and pretrained.tokenizer.chat_template is not None, system=system
         )
         if json_output:
-            completion = engine.generate([ids], params)[0]
-            print_json({**completion.to_dict(), "model": str(pretrained.path)})
+            completion = engine.generate([ids], params, adapters=adapter)[0]
+            print_json({**completion.to_dict(), "model": str(pretrained.path), "adapter": adapter})
             return
-        for piece in engine.stream(ids, params):
+        for piece in engine.stream(ids, params, adapter):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

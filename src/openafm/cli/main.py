@@ -7,14 +7,14 @@ from typing import Annotated
 import typer
 
 from openafm import __version__
-from openafm.cli import data, model
+from openafm.cli import adapter, data, eval, model
 from openafm.cli.common import setup_logging
 from openafm.cli.generate import generate
 from openafm.cli.tokenize import tokenize
 
 app = typer.Typer(
     name="afm",
-    help="OpenAFM: on-device foundation model tools (generate, tokenize, models, data).",
+    help="OpenAFM: on-device foundation model tools (generate, tokenize, models, data, adapters).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -23,6 +23,8 @@ app.command()(generate)
 app.command()(tokenize)
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
+app.add_typer(adapter.app, name="adapter")
+app.add_typer(eval.app, name="eval")
 
 
 def _version(value: bool) -> None:

@@ -2,7 +2,7 @@
 
 from openafm.model.config import PRESETS, ModelConfig, get_preset
 from openafm.model.kv_cache import KVCache
-from openafm.model.linear import Linear
+from openafm.model.linear import Linear, LowRankDelta
 from openafm.model.transformer import MLP, Attention, Block, Transformer
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Block",
     "KVCache",
     "Linear",
+    "LowRankDelta",
     "ModelConfig",
     "Transformer",
     "get_preset",

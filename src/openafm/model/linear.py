@@ -7,6 +7,8 @@ styles (`ColwiseParallel`, `RowwiseParallel`) apply to it unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,8 +16,32 @@ from torch import nn
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
+@dataclass
+class LowRankDelta:
+    """An unmerged low-rank update `scale · (x Aᵀ) Bᵀ` added to a projection's output (LoRA).
+
+    One update for the whole batch has `a` of shape (rank, in) and `b` of shape (out, rank); one
+    per batch row has (batch, rank, in) and (batch, out, rank), rows without an adapter holding
+    zeros. `scale` is a number, or a (batch, 1, 1) tensor for per-row scales.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float | torch.Tensor = 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a.dim() == 2:
+            return F.linear(F.linear(x, self.a), self.b) * self.scale
+        low = torch.matmul(x, self.a.transpose(-1, -2))
+        return torch.matmul(low, self.b.transpose(-1, -2)) * self.scale
+
+
 class Linear(nn.Linear):
-    """`y = x W^T` (no bias by default); the single place projections are computed."""
+    """`y = x W^T (+ delta)` (no bias by default); the single place projections are computed.
+
+    `delta` is an optional `LowRankDelta` (an adapter); it is a plain attribute, not a
+    submodule, so attaching or swapping one changes neither the state dict nor the parameters.
+    """
 
     def __init__(
         self,
@@ -26,11 +52,16 @@ class Linear(nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.delta: LowRankDelta | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_onednn(x, self.weight):
-            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            y = _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.delta is not None:
+            y = y + self.delta(x)
+        return y
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -118,6 +118,16 @@ class Transformer(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits for every position, or only the last one (`last_only`, for generation)."""
+        h = self.hidden_states(tokens, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(h).float()
+
+    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states `(batch, seq, dim)`, before the output head.
+
+        Training on a few positions (e.g. answer tokens) applies `output` to just those.
+        """
         t = tokens.shape[1]
         if cache is None:
             if t > self.config.max_seq_len:
@@ -136,9 +146,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance(t)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        return self.norm(h)
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load our-named tensors by assignment (the model may live on the meta device)."""

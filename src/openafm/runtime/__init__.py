@@ -1,15 +1,18 @@
 """Inference: load a model, prefill and decode with a KV cache, sample, stop, stream."""
 
+from openafm.runtime.adapter_cache import AdapterCache
 from openafm.runtime.engine import Completion, ContextLengthError, Engine
-from openafm.runtime.loader import Pretrained, load_pretrained, load_tokenizer_for
+from openafm.runtime.loader import Pretrained, engine_for, load_pretrained, load_tokenizer_for
 from openafm.runtime.sampling import SamplingParams, sample_next
 
 __all__ = [
+    "AdapterCache",
     "Completion",
     "ContextLengthError",
     "Engine",
     "Pretrained",
     "SamplingParams",
+    "engine_for",
     "load_pretrained",
     "load_tokenizer_for",
     "sample_next",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from openafm.model import KVCache, Linear, Transformer
+from openafm.runtime.adapter_cache import AdapterCache, overlaid, overlay
 from openafm.runtime.detokenize import IncrementalDetokenizer, StopMatcher
 from openafm.runtime.sampling import SamplingParams, sample_next
 from openafm.tokenizer import Tokenizer
@@ -17,6 +18,10 @@ from openafm.tokenizer import Tokenizer
 
 class ContextLengthError(ValueError):
     """A prompt does not fit the model's context window."""
+
+
+AdapterChoice = str | None | Sequence[str | None]
+"""One adapter name for the whole batch, none, or one (or None) per prompt."""
 
 
 @dataclass
@@ -67,7 +72,8 @@ class Engine:
     weights (AMX or AVX-512-BF16 units, about 2x faster here; casting the weights on every call
     cost a third of that gain) at the cost of bf16 rounding and the copy's memory. Decode runs
     in the weights' dtype (memory-bound). Prompts of different lengths are left-padded into one
-    batch; each row stops on its own.
+    batch; each row stops on its own. With an `AdapterCache`, each request may name a feature
+    adapter; rows of one batch may use different adapters.
     """
 
     def __init__(
@@ -77,8 +83,10 @@ class Engine:
         *,
         prefill_dtype: torch.dtype = torch.float32,
         cache_dtype: torch.dtype = torch.float32,
+        adapters: AdapterCache | None = None,
     ) -> None:
         self.model = model.eval()
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.prefill_dtype = prefill_dtype
         self.prefill_model = model
@@ -101,10 +109,13 @@ class Engine:
     # --- generation -------------------------------------------------------------------------
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams()
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams = SamplingParams(),
+        adapters: AdapterChoice = None,
     ) -> list[Completion]:
         """Generate for a batch of tokenized prompts (of any lengths) in one call."""
-        run = self._run(prompts, params)
+        run = self._run(prompts, params, adapters)
         while True:
             try:
                 next(run)
@@ -112,10 +123,13 @@ class Engine:
                 return done.value
 
     def stream(
-        self, prompt: Sequence[int], params: SamplingParams = SamplingParams()
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        adapter: str | None = None,
     ) -> Generator[str, None, Completion]:
         """Yield text pieces as they are produced; the generator's return value is the `Completion`."""
-        run = self._run([prompt], params)
+        run = self._run([prompt], params, adapter)
         while True:
             try:
                 _, piece = next(run)
@@ -138,16 +152,34 @@ class Engine:
             if min(ids) < 0 or max(ids) >= vocab:
                 raise ValueError(f"token ids must be in [0, {vocab})")
 
+    def _adapter_rows(self, choice: AdapterChoice, n: int) -> list[str | None]:
+        names = [choice] * n if choice is None or isinstance(choice, str) else list(choice)
+        if len(names) != n:
+            raise ValueError(f"{len(names)} adapter choices for {n} prompts")
+        if any(names) and self.adapters is None:
+            raise ValueError("this engine was built without an adapter cache")
+        return names
+
     def _prefill_autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.prefill_model is self.model:
             return contextlib.nullcontext()
         return torch.autocast("cpu", dtype=self.prefill_dtype)
 
     def _run(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, adapters: AdapterChoice
+    ) -> Generator[tuple[int, str], None, list[Completion]]:
+        """Load the batch's adapters (all or none), overlay them, and generate."""
+        self._check_prompts(prompts)
+        names = self._adapter_rows(adapters, len(prompts))
+        rows = self.adapters.resolve_rows(names) if self.adapters is not None else []
+        models = dict.fromkeys((self.model, self.prefill_model))
+        with overlaid(list(models), overlay(rows)):
+            return (yield from self._generate(prompts, params))
+
+    def _generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> Generator[tuple[int, str], None, list[Completion]]:
         """Prefill, then decode until every row stops; yields (row, new text) as text is final."""
-        self._check_prompts(prompts)
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         budget = min(params.max_tokens, self.context_length - width)

@@ -8,12 +8,15 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from openafm.io import (
     Checkpoint,
     build_model,
+    model_signature,
     openafm_home,
     read_checkpoint,
     resolve_model,
@@ -21,6 +24,8 @@ from openafm.io import (
 )
 from openafm.io.hf_checkpoint import CONFIG_FILE
 from openafm.model import Transformer
+from openafm.runtime.adapter_cache import DEFAULT_BUDGET_BYTES, AdapterCache
+from openafm.runtime.engine import Engine
 from openafm.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("openafm")
@@ -32,6 +37,13 @@ class Pretrained:
     tokenizer: Tokenizer
     checkpoint: Checkpoint
     path: Path  # what the user named (resolved), not the conversion cache
+    _signature: str | None = field(default=None, repr=False)
+
+    def signature(self) -> str:
+        """The base's signature (hash of config and weights), computed once on first use."""
+        if self._signature is None:
+            self._signature = model_signature(self.model.config, self.model.state_dict())
+        return self._signature
 
 
 def _converted_dir(gguf: Path) -> Path:
@@ -98,3 +110,22 @@ def load_pretrained(
         checkpoint = read_checkpoint(source)
         tokenizer = load_tokenizer(source)
     return Pretrained(build_model(checkpoint), tokenizer, checkpoint, path)
+
+
+def engine_for(
+    pretrained: Pretrained,
+    *,
+    prefill_dtype: torch.dtype = torch.float32,
+    adapter_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    force_adapters: bool = False,
+) -> Engine:
+    """An engine over a loaded model, with an adapter cache bound to the model's signature."""
+    cache = AdapterCache(
+        pretrained.model,
+        pretrained.signature,
+        budget_bytes=adapter_budget_bytes,
+        force=force_adapters,
+    )
+    return Engine(
+        pretrained.model, pretrained.tokenizer, prefill_dtype=prefill_dtype, adapters=cache
+    )

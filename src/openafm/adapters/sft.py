@@ -1,0 +1,132 @@
+"""One adapter training run, end to end: data → fresh or initialised adapter → train → save.
+
+The saved `adapter.json` records what is needed to trust and repeat the run: the base's
+signature, the training data's checksum, every setting, the command line, and the losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from openafm.adapters.adapter_file import check_base, load_adapter, save_adapter
+from openafm.adapters.lora import AdapterError, LoraAdapter, LoraConfig
+from openafm.adapters.sft_data import SftDataError, conversations_checksum, tokenize_all
+from openafm.adapters.trainer import StepReport, TrainConfig, TrainResult, train_adapter
+from openafm.model import Transformer
+from openafm.tokenizer import Tokenizer
+
+log = logging.getLogger("openafm")
+Conversation = Sequence[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SftRun:
+    """Where an adapter run reads and writes, and the choices that are not optimiser settings."""
+
+    name: str
+    out_dir: Path
+    run_dir: Path
+    seq_len: int = 512
+    epochs: float | None = None  # when set, overrides TrainConfig.steps
+    init_from: Path | None = None
+    restart: bool = False
+    overwrite: bool = False
+
+
+def steps_for_epochs(epochs: float, n_examples: int, config: TrainConfig) -> int:
+    batches = math.ceil(n_examples / config.batch_size)
+    return max(1, math.ceil(epochs * batches / config.grad_accum))
+
+
+def initial_adapter(
+    run: SftRun, model: Transformer, lora: LoraConfig, signature: str, seed: int
+) -> LoraAdapter:
+    """A fresh adapter, or a copy of `run.init_from` (e.g. the accuracy-recovery adapter)."""
+    if run.init_from is None:
+        return LoraAdapter.fresh(run.name, model, lora, seed=seed)
+    source = load_adapter(run.init_from)
+    check_base(source, signature)
+    source.check_fits(model)
+    adapter = source.to(torch.float32)
+    adapter.name = run.name
+    adapter.metadata = {"init_from": source.name}
+    for p in adapter.parameters():
+        p.requires_grad_(True)
+    return adapter
+
+
+def run_sft(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    signature: str,
+    conversations: Sequence[Conversation],
+    run: SftRun,
+    lora: LoraConfig,
+    config: TrainConfig,
+    *,
+    eval_conversations: Sequence[Conversation] = (),
+    provenance: dict[str, object] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> tuple[LoraAdapter, TrainResult]:
+    """Train adapter `run.name` on `conversations` and save it to `run.out_dir`.
+
+    `signature` is the base's (computed before training casts its weights); `provenance`
+    (data file, command line, …) is stored in `adapter.json` under "training".
+    """
+    if run.out_dir.exists() and not run.overwrite:
+        raise AdapterError(f"{run.out_dir} already exists; pass --overwrite to replace it")
+    if run.restart and run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
+    train, too_long = tokenize_all(tokenizer, conversations, run.seq_len)
+    if not train:
+        raise SftDataError(f"every training example is longer than --seq-len {run.seq_len}")
+    if too_long:
+        log.warning("left out %d examples longer than %d tokens", too_long, run.seq_len)
+    held_out, _ = tokenize_all(tokenizer, eval_conversations, run.seq_len)
+    if run.epochs is not None:
+        config = TrainConfig(
+            **{**asdict(config), "steps": steps_for_epochs(run.epochs, len(train), config)}
+        )
+    adapter = initial_adapter(run, model, lora, signature, config.seed)
+    if on_start is not None:
+        on_start(config.steps)
+    checksum = conversations_checksum(conversations)
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    result = train_adapter(
+        model,
+        adapter,
+        train,
+        run.run_dir,
+        config,
+        pad_id=pad_id,
+        data_checksum=checksum,
+        eval_examples=held_out,
+        on_step=on_step,
+    )
+    adapter.metadata = {
+        **adapter.metadata,
+        "base_signature": signature,
+        "training": {
+            **(provenance or {}),
+            "data_checksum": checksum,
+            "examples": len(train),
+            "examples_too_long": too_long,
+            "eval_examples": len(held_out),
+            "seq_len": run.seq_len,
+            "settings": asdict(config),
+            "final_loss": round(result.final_loss, 4),
+            "eval_loss": None if result.eval_loss is None else round(result.eval_loss, 4),
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 1),
+        },
+    }
+    save_adapter(adapter, run.out_dir)
+    return adapter, result

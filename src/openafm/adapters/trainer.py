@@ -1,0 +1,262 @@
+"""The adapter trainer (SFT): LoRA on a frozen base, resumable from its last checkpoint.
+
+bf16 autocast over a bf16 copy of the frozen projections (the base never changes, so it is
+cast once), float32 adapter weights, AdamW on the adapter only, linear warmup then cosine decay
+to a floor, global-norm gradient clipping, gradient accumulation, and a periodic loss on
+held-out data. The run directory holds `checkpoint.pt` (adapter, optimizer, scheduler, step;
+written atomically every few steps) and `metrics.jsonl`; rerunning the same command continues
+from the checkpoint with the same data order and ends at the same loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from openafm.adapters.lora import LoraAdapter
+from openafm.adapters.sft_data import IGNORE, Example, collate, epoch_batches
+from openafm.model import Linear, Transformer
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class ResumeError(ValueError):
+    """A run directory holds a checkpoint made with other settings."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of an adapter run (one step = `grad_accum` batches)."""
+
+    steps: int = 200
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    checkpoint_every: int = 10
+    seed: int = 0
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1")
+        if not self.lr > 0:
+            raise ValueError("lr must be positive")
+
+    def lr_at(self, step: int) -> float:
+        """Learning-rate multiplier after `step` optimizer steps: warmup, then cosine to a floor."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+
+
+@dataclass
+class StepReport:
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    eval_loss: float | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    tokens: int
+    seconds: float
+    resumed_from: int
+    peak_rss_mb: float
+
+
+def freeze_base(model: Transformer, *, bf16: bool) -> None:
+    """No gradients for the base; with `bf16` its projections become bf16 once (they never change)."""
+    model.requires_grad_(False)
+    if bf16:
+        for module in model.modules():
+            if isinstance(module, Linear) and module is not model.output:
+                module.weight = torch.nn.Parameter(
+                    module.weight.detach().to(torch.bfloat16), requires_grad=False
+                )
+
+
+def answer_loss(
+    model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, *, bf16: bool
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the learned positions only (the head runs on those alone)."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        hidden = model.hidden_states(tokens)
+        keep = labels != IGNORE
+        logits = model.output(hidden[keep]).float()
+    return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer, examples: Sequence[Example], pad_id: int, *, batch_size: int, bf16: bool
+) -> float:
+    """Mean loss per learned token on `examples`."""
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    for start in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[start : start + batch_size]]
+        loss, n = answer_loss(model, *collate(batch, pad_id), bf16=bf16)
+        total, count = total + float(loss), count + n
+    return total / max(count, 1)
+
+
+def settings_key(config: TrainConfig, adapter: LoraAdapter, data_checksum: str) -> str:
+    """What must match for a checkpoint to be resumed: settings, adapter shape and data."""
+    blob = json.dumps(
+        {"train": asdict(config), "lora": adapter.config.to_dict(), "data": data_checksum},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict[str, object]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_adapter(
+    model: Transformer,
+    adapter: LoraAdapter,
+    train: Sequence[Example],
+    run_dir: str | Path,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    data_checksum: str,
+    eval_examples: Sequence[Example] = (),
+    on_step: Callable[[StepReport], None] | None = None,
+) -> TrainResult:
+    """Train `adapter` (in place) on `train`; resumes from `run_dir`'s checkpoint if it has one."""
+    if not train:
+        raise ValueError("no training examples (all were empty or longer than --seq-len)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = adapter.parameters()
+    for p in params:
+        p.requires_grad_(True)
+    freeze_base(model, bf16=config.bf16)
+    adapter.attach(model)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_at)
+    key = settings_key(config, adapter, data_checksum)
+    step, last_loss, eval_loss = 0, float("nan"), None
+    checkpoint_path = run_dir / CHECKPOINT
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=True)
+        if state["settings_key"] != key:
+            raise ResumeError(
+                f"{run_dir} holds a checkpoint of a run with other settings or data;"
+                " use another run directory, or --restart to discard it"
+            )
+        with torch.no_grad():
+            for p, saved in zip(params, state["adapter"], strict=True):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, last_loss = int(state["step"]), float(state["loss"])
+        eval_loss = state.get("eval_loss")
+    resumed_from = step
+
+    micro_per_epoch = math.ceil(len(train) / config.batch_size)
+    tokens_seen, start = 0, time.perf_counter()
+    with (run_dir / METRICS).open("a") as metrics:
+        while step < config.steps:
+            batches = []
+            for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
+                epoch, index = divmod(micro, micro_per_epoch)
+                order = epoch_batches(train, config.batch_size, seed=config.seed, epoch=epoch)
+                batches.append([train[i] for i in order[index]])
+            n_learned = sum(e.n_learned for batch in batches for e in batch)
+            t0 = time.perf_counter()
+            total = 0.0
+            for batch in batches:
+                loss, _ = answer_loss(model, *collate(batch, pad_id), bf16=config.bf16)
+                (loss / max(n_learned, 1)).backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = total / max(n_learned, 1)
+            n_tokens = sum(len(e.ids) for batch in batches for e in batch)
+            tokens_seen += n_tokens
+            report = StepReport(
+                step,
+                config.steps,
+                last_loss,
+                scheduler.get_last_lr()[0],
+                n_tokens / (time.perf_counter() - t0),
+            )
+            if eval_examples and (step % config.eval_every == 0 or step == config.steps):
+                model.eval()
+                eval_loss = evaluate(
+                    model, eval_examples, pad_id, batch_size=config.batch_size, bf16=config.bf16
+                )
+                model.train()
+                report.eval_loss = eval_loss
+            metrics.write(json.dumps(asdict(report)) + "\n")
+            metrics.flush()
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                _save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "settings_key": key,
+                        "adapter": [p.detach().clone() for p in params],
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                        "loss": last_loss,
+                        "eval_loss": eval_loss,
+                    },
+                )
+            if on_step is not None:
+                on_step(report)
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return TrainResult(
+        steps=step,
+        final_loss=last_loss,
+        eval_loss=eval_loss,
+        tokens=tokens_seen,
+        seconds=time.perf_counter() - start,
+        resumed_from=resumed_from,
+        peak_rss_mb=_peak_rss_mb(),
+    )

@@ -1,0 +1,141 @@
+"""Summarization features: the one place their prompt formats and reference fields live.
+
+Each feature maps a record of its data set (AESLC e-mails, DialogSum dialogues) to the chat
+messages the model sees, names the adapter that serves it, and cleans the model's reply. The
+adapter trainer, the evaluation command and the product all use these same formats.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from openafm.runtime import Engine, SamplingParams
+
+Record = Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class SummaryFeature:
+    """A summarization task: input field, instruction, reference fields, reply length."""
+
+    name: str
+    input_field: str
+    instruction: str
+    reference_fields: tuple[str, ...]
+    max_input_words: int
+    max_tokens: int
+
+    @property
+    def adapter(self) -> str:
+        """The adapter that serves this feature (same name)."""
+        return self.name
+
+    def prompt(self, text: str) -> str:
+        words = text.split(" ")
+        if len(words) > self.max_input_words:
+            text = " ".join(words[: self.max_input_words]) + " …"
+        return f"{self.instruction}\n\n{text.strip()}"
+
+    def messages(self, record: Record) -> list[dict[str, str]]:
+        """The user turn for one record (the chat template adds its default system prompt)."""
+        return [{"role": "user", "content": self.prompt(self.input_of(record))}]
+
+    def input_of(self, record: Record) -> str:
+        value = record.get(self.input_field)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"record has no text in field {self.input_field!r}")
+        return value
+
+    def references(self, record: Record) -> list[str]:
+        """The human summaries of a record (any of the reference fields it has)."""
+        refs = [
+            v for f in self.reference_fields if isinstance(v := record.get(f), str) and v.strip()
+        ]
+        if not refs:
+            raise ValueError(f"record has none of the reference fields {self.reference_fields}")
+        return refs
+
+    def training_conversations(self, records: Iterable[Record]) -> list[list[dict[str, str]]]:
+        """One conversation per record, its answer taken from the references in turn."""
+        out = []
+        for i, record in enumerate(records):
+            refs = self.references(record)
+            answer = refs[i % len(refs)]
+            out.append([*self.messages(record), {"role": "assistant", "content": answer}])
+        return out
+
+
+def clean_summary(text: str) -> str:
+    """The reply's first non-empty line, without a 'Subject:'/'Summary:' label or quotes."""
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    line = re.sub(r"^\**\s*(subject( line)?|summary)\s*:\s*\**\s*", "", line, flags=re.I)
+    return line.strip().strip('"“”').strip()
+
+
+SUMMARIZE_EMAIL = SummaryFeature(
+    name="summarize-email",
+    input_field="email",
+    instruction=(
+        "Write a subject line for the e-mail below: a short phrase of two to eight words that"
+        " says what the e-mail is about or asks for. Reply with the subject line only."
+    ),
+    reference_fields=("ann0", "ann1", "ann2"),
+    max_input_words=250,
+    max_tokens=24,
+)
+SUMMARIZE_DIALOGUE = SummaryFeature(
+    name="summarize-dialogue",
+    input_field="dialogue",
+    instruction=(
+        "Summarize the conversation below in one or two sentences, in the third person."
+        " Call the speakers #Person1# and #Person2#. Reply with the summary only."
+    ),
+    reference_fields=("summary1", "summary2", "summary3", "summary"),
+    max_input_words=400,
+    max_tokens=72,
+)
+FEATURES: dict[str, SummaryFeature] = {f.name: f for f in (SUMMARIZE_EMAIL, SUMMARIZE_DIALOGUE)}
+
+
+def get_feature(name: str) -> SummaryFeature:
+    try:
+        return FEATURES[name]
+    except KeyError:
+        raise ValueError(f"unknown feature {name!r}: choose one of {', '.join(FEATURES)}") from None
+
+
+def feature_for(records: Sequence[Record]) -> SummaryFeature:
+    """The feature whose input field the records have (e-mail or dialogue)."""
+    if not records:
+        raise ValueError("no records")
+    for feature in FEATURES.values():
+        if all(isinstance(r, Mapping) and feature.input_field in r for r in records):
+            return feature
+    fields = ", ".join(f.input_field for f in FEATURES.values())
+    raise ValueError(f"records need one of the input fields: {fields}")
+
+
+def summarize(
+    engine: Engine,
+    feature: SummaryFeature,
+    records: Sequence[Record],
+    *,
+    adapter: str | None = None,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy summaries of `records` (batched by prompt length; returned in input order)."""
+    prompts = [engine.tokenizer.encode_chat(feature.messages(r)) for r in records]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    params = SamplingParams(max_tokens=feature.max_tokens, temperature=0.0)
+    out = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        done = engine.generate([prompts[i] for i in batch], params, adapters=adapter)
+        for i, completion in zip(batch, done, strict=True):
+            out[i] = clean_summary(completion.text)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return out
