@@ -104,12 +104,12 @@ def test_bad_training_data_is_named(tmp_path, content, message):
         read_conversations(path)
 
 
-def _train_cmd(tiny_dir: Path, data: Path, tmp: Path, steps: int) -> list[str]:
+def _train_cmd(model_dir: Path, data: Path, tmp: Path, steps: int) -> list[str]:
     return [
         "adapter",
         "train",
         "--model",
-        str(tiny_dir),
+        str(model_dir),
         "--data",
         str(data),
         "--name",

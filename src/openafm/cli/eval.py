@@ -51,6 +51,9 @@ def summarize_cmd(
         str | None,
         typer.Option(help="Feature (prompt format) [default: from the records' fields]."),
     ] = None,
+    shots: Annotated[
+        int, typer.Option(min=0, help="Demonstrations before each record (few-shot prompt).")
+    ] = 0,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Score only the first N records.")
     ] = None,
@@ -80,12 +83,14 @@ def summarize_cmd(
                 task,
                 records,
                 adapter=adapter,
+                shots=shots,
                 batch_size=batch_size,
                 on_batch=lambda n: progress.advance(bar, n),
             )
         report = {
             "feature": task.name,
             "adapter": adapter,
+            "shots": shots,
             **rouge_report(summaries, references),
             "seconds": round(time.perf_counter() - start, 1),
         }

@@ -26,6 +26,8 @@ class SummaryFeature:
     reference_fields: tuple[str, ...]
     max_input_words: int
     max_tokens: int
+    demonstrations: tuple[tuple[str, str], ...] = ()
+    """Hand-written (input, summary) pairs for few-shot prompts of the plain base."""
 
     @property
     def adapter(self) -> str:
@@ -38,9 +40,19 @@ class SummaryFeature:
             text = " ".join(words[: self.max_input_words]) + " …"
         return f"{self.instruction}\n\n{text.strip()}"
 
-    def messages(self, record: Record) -> list[dict[str, str]]:
-        """The user turn for one record (the chat template adds its default system prompt)."""
-        return [{"role": "user", "content": self.prompt(self.input_of(record))}]
+    def messages(self, record: Record, *, shots: int = 0) -> list[dict[str, str]]:
+        """The user turn for one record, after `shots` demonstration turns (few-shot)."""
+        if not 0 <= shots <= len(self.demonstrations):
+            raise ValueError(
+                f"{self.name} has {len(self.demonstrations)} demonstrations, not {shots}"
+            )
+        turns = []
+        for text, summary in self.demonstrations[:shots]:
+            turns += [
+                {"role": "user", "content": self.prompt(text)},
+                {"role": "assistant", "content": summary},
+            ]
+        return [*turns, {"role": "user", "content": self.prompt(self.input_of(record))}]
 
     def input_of(self, record: Record) -> str:
         value = record.get(self.input_field)
@@ -84,6 +96,19 @@ SUMMARIZE_EMAIL = SummaryFeature(
     reference_fields=("ann0", "ann1", "ann2"),
     max_input_words=250,
     max_tokens=24,
+    demonstrations=(
+        (
+            "Hi team,\nThe server upgrade is scheduled for Saturday from 8am to noon. Trading"
+            " systems will be unavailable during that window, so please log off by Friday"
+            " evening.\nThanks,\nIT Support",
+            "server upgrade saturday morning",
+        ),
+        (
+            "John,\nCould you send me the signed copy of the master agreement? Legal needs it"
+            " before Tuesday's meeting.\nKay",
+            "need signed master agreement",
+        ),
+    ),
 )
 SUMMARIZE_DIALOGUE = SummaryFeature(
     name="summarize-dialogue",
@@ -95,6 +120,20 @@ SUMMARIZE_DIALOGUE = SummaryFeature(
     reference_fields=("summary1", "summary2", "summary3", "summary"),
     max_input_words=400,
     max_tokens=72,
+    demonstrations=(
+        (
+            "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Certainly."
+            " What time?\n#Person1#: Around seven.\n#Person2#: We have a table at 7:30. Is"
+            " that all right?\n#Person1#: Perfect, thank you.",
+            "#Person1# books a table for two at 7:30 tonight.",
+        ),
+        (
+            "#Person1#: You look tired. What's wrong?\n#Person2#: I stayed up all night"
+            " finishing my history paper.\n#Person1#: Did you finish it?\n#Person2#: Yes, but"
+            " I don't think it's very good.",
+            "#Person2# is tired after staying up all night to finish a history paper.",
+        ),
+    ),
 )
 FEATURES: dict[str, SummaryFeature] = {f.name: f for f in (SUMMARIZE_EMAIL, SUMMARIZE_DIALOGUE)}
 
@@ -123,11 +162,12 @@ def summarize(
     records: Sequence[Record],
     *,
     adapter: str | None = None,
+    shots: int = 0,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy summaries of `records` (batched by prompt length; returned in input order)."""
-    prompts = [engine.tokenizer.encode_chat(feature.messages(r)) for r in records]
+    prompts = [engine.tokenizer.encode_chat(feature.messages(r, shots=shots)) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     params = SamplingParams(max_tokens=feature.max_tokens, temperature=0.0)
     out = [""] * len(prompts)

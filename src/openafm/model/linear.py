@@ -31,9 +31,12 @@ class LowRankDelta:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.a.dim() == 2:
-            return F.linear(F.linear(x, self.a), self.b) * self.scale
-        low = torch.matmul(x, self.a.transpose(-1, -2))
-        return torch.matmul(low, self.b.transpose(-1, -2)) * self.scale
+            y = F.linear(F.linear(x, self.a), self.b)
+        else:
+            y = torch.matmul(torch.matmul(x, self.a.transpose(-1, -2)), self.b.transpose(-1, -2))
+        if isinstance(self.scale, float) and self.scale == 1.0:
+            return y
+        return y * self.scale
 
 
 class Linear(nn.Linear):
