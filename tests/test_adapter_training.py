@@ -292,3 +292,28 @@ def test_adapter_commands_end_to_end(tiny_dir, tmp_path):  # noqa: F811
         1,
         "already exists",
     )
+
+
+def test_init_from_copies_an_adapter_and_checks_its_base(tmp_path):
+    from openafm.adapters import save_adapter
+    from openafm.adapters.sft import SftRun, initial_adapter
+    from openafm.io import model_signature
+
+    model = make_tiny()
+    signature = model_signature(model.config, model.state_dict())
+    source = LoraAdapter.fresh("recovery", model, LoraConfig(rank=4), seed=9)
+    with torch.no_grad():
+        for _, b in source.pairs.values():
+            b.fill_(0.5)
+    source.metadata["base_signature"] = signature
+    save_adapter(source, tmp_path / "recovery")
+    run = SftRun("feature", tmp_path / "out", tmp_path / "run", init_from=tmp_path / "recovery")
+    start = initial_adapter(run, model, LoraConfig(), signature, seed=0)
+    assert start.name == "feature" and start.config.rank == 4
+    assert start.metadata == {"init_from": "recovery"}
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in start.parameters())
+    for path, (a, b) in source.pairs.items():
+        assert torch.equal(start.pairs[path][0], a.bfloat16().float())
+        assert torch.equal(start.pairs[path][1], b)
+    with pytest.raises(ValueError, match="trained on base"):
+        initial_adapter(run, model, LoraConfig(), "another-base", seed=0)

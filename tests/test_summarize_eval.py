@@ -8,9 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from openafm.adapters import LoraAdapter, LoraConfig, save_adapter
 from openafm.eval import bootstrap_ci, rouge_report
 from openafm.features import clean_summary, feature_for, get_feature
-from openafm.io import write_hf
+from openafm.io import model_signature, write_hf
 from tests.conftest import FIXTURES, byte_tokenizer, make_tiny
 from tests.test_cli import afm, assert_one_line_error
 
@@ -27,6 +28,25 @@ def tiny_dir(tmp_path_factory):
     write_hf(path, config, model.state_dict())
     byte_tokenizer().save(path)
     return path
+
+
+def test_evaluations_are_recorded_and_a_zero_adapter_scores_as_the_base(tiny_dir, tmp_path):
+    home = tmp_path / "home"
+    model = make_tiny()
+    adapter = LoraAdapter.fresh("mail", model, LoraConfig(rank=2))
+    adapter.metadata["base_signature"] = model_signature(
+        replace(model.config, max_seq_len=2048), model.state_dict()
+    )
+    save_adapter(adapter, home / "adapters" / "mail")
+    common = ("eval", "summarize", "--data", str(AESLC), "--model", str(tiny_dir))
+    for extra in (("--adapter", "mail"), ()):
+        proc = afm(*common, *extra, "--record", "mail", "--json", home=home)
+        assert proc.returncode == 0, proc.stderr.decode()
+    meta = json.loads((home / "adapters" / "mail" / "adapter.json").read_text())
+    results = meta["evaluation"][AESLC.name]
+    assert results["adapter"]["adapter"] == "mail" and results["prompted_base"]["adapter"] is None
+    for key in ("n", "rouge1", "rouge2", "rougeL", "mean_words"):
+        assert results["adapter"][key] == results["prompted_base"][key], key
 
 
 def records(path):

@@ -171,3 +171,19 @@ def check_base(adapter: LoraAdapter, signature: str, *, force: bool = False) -> 
             f" base is {signature[:12]}…; its output would be meaningless (use --force to load"
             " it anyway)"
         )
+
+
+def record_evaluation(
+    directory: str | Path, data: str, role: str, report: dict[str, object]
+) -> None:
+    """Store an evaluation report in `adapter.json` under `evaluation[data][role]` (atomically)."""
+    meta_path = Path(directory) / META_FILE
+    meta = read_adapter_meta(directory)
+    evaluation = meta.setdefault("evaluation", {})
+    if not isinstance(evaluation, dict):
+        raise AdapterError(f"{meta_path}: 'evaluation' must be a JSON object")
+    evaluation.setdefault(data, {})[role] = report
+    tmp = meta_path.with_name(f".{META_FILE}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.chmod(0o644)
+    os.replace(tmp, meta_path)

@@ -11,6 +11,8 @@ import torch
 import typer
 from rich.progress import Progress
 
+from openafm.adapters.adapter_file import record_evaluation
+from openafm.adapters.registry import find_adapter
 from openafm.cli.common import err_console, print_json, user_errors
 from openafm.eval import rouge_report
 from openafm.features import feature_for, get_feature, summarize
@@ -65,6 +67,13 @@ def summarize_cmd(
         Path | None,
         typer.Option(help="Also write each summary and its references to this JSON file."),
     ] = None,
+    record: Annotated[
+        str | None,
+        typer.Option(
+            help="Store the result in this adapter's adapter.json (as 'adapter' when it is the"
+            " adapter evaluated, else as 'prompted_base')."
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Summarize each record greedily and report ROUGE-1/2/L with 95% bootstrap intervals."""
@@ -102,6 +111,14 @@ def summarize_cmd(
                     for s, r in zip(summaries, references, strict=True)
                 ],
             )
+        if record is not None:
+            target = find_adapter(record)
+            role = (
+                "adapter"
+                if adapter is not None and find_adapter(adapter) == target
+                else "prompted_base"
+            )
+            record_evaluation(target, data.name, role, report)
         if json_output:
             print_json(report)
             return
