@@ -137,7 +137,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def test_killed_training_resumes_to_the_same_loss(tiny_dir, tmp_path):  # noqa: F811
     data = chat_file(tmp_path / "d.jsonl", repeat=20)
-    steps = 300
+    steps = 200
     whole = afm(*_train_cmd(tiny_dir, data, tmp_path / "whole", steps))
     assert whole.returncode == 0, whole.stderr.decode()
     expected = json.loads(whole.stdout)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +18,7 @@ from openafm.adapters.registry import find_adapter
 from openafm.cli.common import err_console, print_json, user_errors
 from openafm.eval import rouge_report
 from openafm.features import feature_for, get_feature, summarize
-from openafm.files import write_json_atomic
+from openafm.files import sha256_file, write_json_atomic
 from openafm.runtime import engine_for, load_pretrained
 
 app = typer.Typer(help="Measure quality: summarization ROUGE.", no_args_is_help=True)
@@ -118,7 +120,9 @@ def summarize_cmd(
                 if adapter is not None and find_adapter(adapter) == target
                 else "prompted_base"
             )
-            record_evaluation(target, data.name, role, report)
+            argv = sys.argv[sys.argv.index("eval") :] if "eval" in sys.argv else []
+            provenance = {"data_sha256": sha256_file(data), "command": shlex.join(["afm", *argv])}
+            record_evaluation(target, data.name, role, {**report, **provenance})
         if json_output:
             print_json(report)
             return
