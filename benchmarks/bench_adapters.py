@@ -133,7 +133,9 @@ def main() -> None:
         "switch_ms": round(switch_ms, 3),
         "decode_tokens_per_s_base": round(statistics.median(base), 2),
         "decode_tokens_per_s_adapter": round(statistics.median(adapted), 2),
-        "decode_ratio_adapter_vs_base": round(statistics.median(adapted) / statistics.median(base), 3),
+        "decode_ratio_adapter_vs_base": round(
+            statistics.median(adapted) / statistics.median(base), 3
+        ),
         "batch4_tokens_per_s_one_adapter": round(statistics.median(same), 2),
         "batch4_tokens_per_s_four_adapters": round(statistics.median(mixed), 2),
         "batch4_ratio_four_vs_one": round(statistics.median(mixed) / statistics.median(same), 3),

@@ -236,8 +236,11 @@ def test_adapter_commands_end_to_end(tiny_dir, tmp_path):  # noqa: F811
     assert afm("adapter", "rm", "back", home=home).returncode == 0
     assert_one_line_error(afm("adapter", "show", "back", home=home), 1, "unknown adapter 'back'")
     assert_one_line_error(
-        afm("generate", "x", "--model", str(tiny_dir), "--adapter", "../../etc", home=home), 1, ""
+        afm("generate", "x", "--model", str(tiny_dir), "--adapter", "../../etc", home=home),
+        1,
+        "is not an adapter",
     )
+    assert_one_line_error(afm("adapter", "rm", "..", home=home), 1, "invalid adapter name")
     assert_one_line_error(
         afm("generate", "x", "--model", str(tiny_dir), "--adapter", "nope", home=home),
         1,
@@ -245,53 +248,13 @@ def test_adapter_commands_end_to_end(tiny_dir, tmp_path):  # noqa: F811
     )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": 3}\n')
-    assert_one_line_error(
-        afm(
-            "adapter",
-            "train",
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(bad),
-            "--name",
-            "x",
-            home=home,
-        ),
-        1,
-        "bad.jsonl:1",
-    )
-    assert_one_line_error(
-        afm(
-            "adapter",
-            "train",
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(data),
-            "--name",
-            "x",
-            "--rank",
-            "99",
-            home=home,
-        ),
-        1,
-        "exceeds the width",
-    )
-    assert_one_line_error(
-        afm(
-            "adapter",
-            "train",
-            "--model",
-            str(tiny_dir),
-            "--data",
-            str(data),
-            "--name",
-            "mine",
-            home=home,
-        ),
-        1,
-        "already exists",
-    )
+    train = ("adapter", "train", "--model", str(tiny_dir))
+    for args, message in [
+        (("--data", str(bad), "--name", "x"), "bad.jsonl:1"),
+        (("--data", str(data), "--name", "x", "--rank", "99"), "exceeds the width"),
+        (("--data", str(data), "--name", "mine"), "already exists"),
+    ]:
+        assert_one_line_error(afm(*train, *args, home=home), 1, message)
 
 
 def test_init_from_copies_an_adapter_and_checks_its_base(tmp_path):
