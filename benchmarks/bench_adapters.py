@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import tempfile
 import time
@@ -140,7 +139,7 @@ def main() -> None:
         "batch4_tokens_per_s_four_adapters": round(statistics.median(mixed), 2),
         "batch4_ratio_four_vs_one": round(statistics.median(mixed) / statistics.median(same), 3),
         "train_tokens_per_s": round(result.tokens / result.seconds, 1),
-        "train_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "train_peak_rss_mb": round(result.peak_rss_mb),
     }
     text = json.dumps(out, indent=2)
     print(text)

@@ -1,10 +1,11 @@
-"""File helpers every layer may use: content hashes and atomic JSON writes."""
+"""File helpers every layer may use: content hashes, JSON Lines reading, atomic JSON writes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +24,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+class JsonLinesError(ValueError):
+    """A line of a JSON Lines file is not valid JSON."""
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line; a bad line raises naming `path:line`."""
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise JsonLinesError(f"{path}:{n}: not valid JSON ({exc.msg})") from None

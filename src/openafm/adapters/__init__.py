@@ -8,6 +8,7 @@ from openafm.adapters.lora import (
     LoraConfig,
     check_adapter_name,
     detach,
+    set_deltas,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "load_adapter",
     "read_adapter_meta",
     "save_adapter",
+    "set_deltas",
 ]

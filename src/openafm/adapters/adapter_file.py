@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from openafm.adapters.lora import AdapterError, LoraAdapter, LoraConfig, check_adapter_name
+from openafm.files import write_json_atomic
 
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
@@ -183,7 +184,4 @@ def record_evaluation(
     if not isinstance(evaluation, dict):
         raise AdapterError(f"{meta_path}: 'evaluation' must be a JSON object")
     evaluation.setdefault(data, {})[role] = report
-    tmp = meta_path.with_name(f".{META_FILE}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.chmod(0o644)
-    os.replace(tmp, meta_path)
+    write_json_atomic(meta_path, meta)

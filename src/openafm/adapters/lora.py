@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -172,10 +173,18 @@ class LoraAdapter:
     def attach(self, model: Transformer) -> None:
         """Overlay this adapter on `model` (replacing any other); the base weights are untouched."""
         self.check_fits(model)
-        detach(model)
-        modules = dict(model.named_modules())
-        for path, (a, b) in self.pairs.items():
-            modules[path].delta = LowRankDelta(a, b, self.config.scale)
+        scale = self.config.scale
+        set_deltas(model, {path: LowRankDelta(a, b, scale) for path, (a, b) in self.pairs.items()})
+
+
+def set_deltas(model: Transformer, deltas: Mapping[str, LowRankDelta]) -> None:
+    """Put each delta on the seam its module path names; every other seam gets none."""
+    detach(model)
+    modules = dict(model.named_modules())
+    for path, delta in deltas.items():
+        module = modules[path]
+        assert isinstance(module, Linear)
+        module.delta = delta
 
 
 def detach(model: Transformer) -> None:

@@ -10,7 +10,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -92,9 +92,7 @@ def run_sft(
         log.warning("left out %d examples longer than %d tokens", too_long, run.seq_len)
     held_out, _ = tokenize_all(tokenizer, eval_conversations, run.seq_len)
     if run.epochs is not None:
-        config = TrainConfig(
-            **{**asdict(config), "steps": steps_for_epochs(run.epochs, len(train), config)}
-        )
+        config = replace(config, steps=steps_for_epochs(run.epochs, len(train), config))
     adapter = initial_adapter(run, model, lora, signature, config.seed)
     if on_start is not None:
         on_start(config.steps)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from openafm.files import JsonLinesError, read_jsonl
 from openafm.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -68,16 +69,10 @@ def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
     path = Path(path)
     if not path.is_file():
         raise SftDataError(f"training data {path} does not exist")
-    conversations = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SftDataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            conversations.append(_messages_of(record, f"{path}:{n}"))
+    try:
+        conversations = [_messages_of(record, f"{path}:{n}") for n, record in read_jsonl(path)]
+    except JsonLinesError as exc:
+        raise SftDataError(str(exc)) from None
     if not conversations:
         raise SftDataError(f"training data {path} holds no examples")
     return conversations

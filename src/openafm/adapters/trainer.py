@@ -194,13 +194,16 @@ def train_adapter(
     resumed_from = step
 
     micro_per_epoch = math.ceil(len(train) / config.batch_size)
+    order_epoch, order = -1, []
     tokens_seen, start = 0, time.perf_counter()
     with (run_dir / METRICS).open("a") as metrics:
         while step < config.steps:
             batches = []
             for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
                 epoch, index = divmod(micro, micro_per_epoch)
-                order = epoch_batches(train, config.batch_size, seed=config.seed, epoch=epoch)
+                if epoch != order_epoch:
+                    order = epoch_batches(train, config.batch_size, seed=config.seed, epoch=epoch)
+                    order_epoch = epoch
                 batches.append([train[i] for i in order[index]])
             n_learned = sum(e.n_learned for batch in batches for e in batch)
             t0 = time.perf_counter()

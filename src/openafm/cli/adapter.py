@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -25,9 +22,9 @@ from openafm.adapters.registry import find_adapter, list_adapters, remove_adapte
 from openafm.adapters.sft import SftRun, run_sft
 from openafm.adapters.sft_data import read_conversations
 from openafm.adapters.trainer import StepReport, TrainConfig
-from openafm.cli.common import err_console, print_json, user_errors
+from openafm.cli.common import command_line, err_console, print_json, user_errors
 from openafm.features import get_feature
-from openafm.files import sha256_file
+from openafm.files import read_jsonl, sha256_file
 from openafm.io import openafm_home
 from openafm.runtime import load_pretrained
 
@@ -51,9 +48,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 def _conversations(path: Path, feature: str | None) -> list[list[dict[str, str]]]:
     if feature is None:
         return read_conversations(path)
-    records = [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    records = [record for _, record in read_jsonl(path)]
     if not records:
         raise ValueError(f"training data {path} holds no examples")
     return get_feature(feature).training_conversations(records)
@@ -167,9 +162,7 @@ def train(
             pretrained = load_pretrained(model)
             signature = pretrained.signature()
         provenance = {
-            "command": shlex.join(["afm", "adapter", *sys.argv[sys.argv.index("train") :]])
-            if "train" in sys.argv
-            else None,
+            "command": command_line(),
             "data": data.name,
             "data_sha256": sha256_file(data),
             "feature": feature,

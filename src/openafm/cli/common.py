@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +64,11 @@ def setup_logging(verbose: bool = False) -> None:
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def command_line() -> str:
+    """This invocation as a shell command (`afm ...`), to record how a result was made."""
+    return shlex.join(["afm", *sys.argv[1:]])
 
 
 def read_prompt(prompt: str) -> str:

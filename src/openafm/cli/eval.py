@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import shlex
-import sys
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Annotated
 
@@ -15,26 +13,17 @@ from rich.progress import Progress
 
 from openafm.adapters.adapter_file import record_evaluation
 from openafm.adapters.registry import find_adapter
-from openafm.cli.common import err_console, print_json, user_errors
+from openafm.cli.common import command_line, err_console, print_json, user_errors
 from openafm.eval import rouge_report
 from openafm.features import feature_for, get_feature, summarize
-from openafm.files import sha256_file, write_json_atomic
+from openafm.files import read_jsonl, sha256_file, write_json_atomic
 from openafm.runtime import engine_for, load_pretrained
 
 app = typer.Typer(help="Measure quality: summarization ROUGE.", no_args_is_help=True)
 
 
 def _read_records(path: Path, limit: int | None) -> list[dict[str, object]]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if limit is not None and len(records) >= limit:
-                break
+    records = [record for _, record in islice(read_jsonl(path), limit)]
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
@@ -120,8 +109,7 @@ def summarize_cmd(
                 if adapter is not None and find_adapter(adapter) == target
                 else "prompted_base"
             )
-            argv = sys.argv[sys.argv.index("eval") :] if "eval" in sys.argv else []
-            provenance = {"data_sha256": sha256_file(data), "command": shlex.join(["afm", *argv])}
+            provenance = {"data_sha256": sha256_file(data), "command": command_line()}
             record_evaluation(target, data.name, role, {**report, **provenance})
         if json_output:
             print_json(report)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from openafm.adapters import LoraAdapter, check_base, detach, load_adapter
+from openafm.adapters import LoraAdapter, check_base, detach, load_adapter, set_deltas
 from openafm.adapters.registry import find_adapter
-from openafm.model import Linear, LowRankDelta, Transformer
+from openafm.model import LowRankDelta, Transformer
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
@@ -145,11 +145,7 @@ def overlaid(models: Sequence[Transformer], deltas: dict[str, LowRankDelta]) -> 
     """Attach `deltas` to the seams of each model for the duration of one batch."""
     try:
         for model in models:
-            modules = dict(model.named_modules())
-            for path, delta in deltas.items():
-                module = modules[path]
-                assert isinstance(module, Linear)
-                module.delta = delta
+            set_deltas(model, deltas)
         yield
     finally:
         for model in models:
