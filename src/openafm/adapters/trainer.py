@@ -31,6 +31,10 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
+LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
+"""`(model, tokens, labels) -> (summed loss, positions)`: what a run minimises."""
+
+
 class ResumeError(ValueError):
     """A run directory holds a checkpoint made with other settings."""
 
@@ -92,11 +96,18 @@ class TrainResult:
 
 
 def freeze_base(model: Transformer, *, bf16: bool) -> None:
-    """No gradients for the base; with `bf16` its projections become bf16 once (they never change)."""
+    """No gradients for the base; with `bf16` its projections become bf16 once (they never change).
+
+    Compressed projections stay compressed (they rebuild each product in the autocast dtype).
+    """
     model.requires_grad_(False)
     if bf16:
         for module in model.modules():
-            if isinstance(module, Linear) and module is not model.output:
+            if (
+                isinstance(module, Linear)
+                and module is not model.output
+                and module.weight is not None
+            ):
                 module.weight = torch.nn.Parameter(
                     module.weight.detach().to(torch.bfloat16), requires_grad=False
                 )
@@ -114,16 +125,26 @@ def answer_loss(
     return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
 
 
+def answer_loss_fn(*, bf16: bool) -> LossFn:
+    """The SFT objective: next-token loss on the learned positions."""
+    return lambda model, tokens, labels: answer_loss(model, tokens, labels, bf16=bf16)
+
+
 @torch.no_grad()
 def evaluate(
-    model: Transformer, examples: Sequence[Example], pad_id: int, *, batch_size: int, bf16: bool
+    model: Transformer,
+    examples: Sequence[Example],
+    pad_id: int,
+    *,
+    batch_size: int,
+    loss_fn: LossFn,
 ) -> float:
     """Mean loss per learned token on `examples`."""
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     for start in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[start : start + batch_size]]
-        loss, n = answer_loss(model, *collate(batch, pad_id), bf16=bf16)
+        loss, n = loss_fn(model, *collate(batch, pad_id))
         total, count = total + float(loss), count + n
     return total / max(count, 1)
 
@@ -160,8 +181,13 @@ def train_adapter(
     data_checksum: str,
     eval_examples: Sequence[Example] = (),
     on_step: Callable[[StepReport], None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
-    """Train `adapter` (in place) on `train`; resumes from `run_dir`'s checkpoint if it has one."""
+    """Train `adapter` (in place) on `train`; resumes from `run_dir`'s checkpoint if it has one.
+
+    The objective is `loss_fn` (default: the SFT answer loss).
+    """
+    loss_fn = loss_fn or answer_loss_fn(bf16=config.bf16)
     if not train:
         raise ValueError("no training examples (all were empty or longer than --seq-len)")
     run_dir = Path(run_dir)
@@ -209,7 +235,7 @@ def train_adapter(
             t0 = time.perf_counter()
             total = 0.0
             for batch in batches:
-                loss, _ = answer_loss(model, *collate(batch, pad_id), bf16=config.bf16)
+                loss, _ = loss_fn(model, *collate(batch, pad_id))
                 (loss / max(n_learned, 1)).backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -230,7 +256,7 @@ def train_adapter(
             if eval_examples and (step % config.eval_every == 0 or step == config.steps):
                 model.eval()
                 eval_loss = evaluate(
-                    model, eval_examples, pad_id, batch_size=config.batch_size, bf16=config.bf16
+                    model, eval_examples, pad_id, batch_size=config.batch_size, loss_fn=loss_fn
                 )
                 model.train()
                 report.eval_loss = eval_loss

@@ -14,12 +14,12 @@ from openafm.model import ModelConfig
 def model_signature(config: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the config and every tensor's name, dtype, shape and bytes (sorted by name).
 
-    The tied output head is the embedding itself and is hashed once.
+    The tied output head is the embedding itself (dense or compressed) and is hashed once.
     """
     h = hashlib.sha256()
     h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
     for name in sorted(tensors):
-        if name == "output.weight" and config.tie_embeddings:
+        if name.startswith("output.") and config.tie_embeddings:
             continue
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

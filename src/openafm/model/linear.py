@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openafm.model.compressed import Int8Rows, PalettizedWeight
+
+CompressedWeight = PalettizedWeight | Int8Rows
+
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
@@ -42,8 +46,10 @@ class LowRankDelta:
 class Linear(nn.Linear):
     """`y = x W^T (+ delta)` (no bias by default); the single place projections are computed.
 
-    `delta` is an optional `LowRankDelta` (an adapter); it is a plain attribute, not a
-    submodule, so attaching or swapping one changes neither the state dict nor the parameters.
+    `W` is the dense `weight`, or, once `compress` has run, a `compressed` submodule (lookup
+    tables or int8 rows) and no dense weight at all. `delta` is an optional `LowRankDelta` (an
+    adapter); it is a plain attribute, not a submodule, so attaching or swapping one changes
+    neither the state dict nor the parameters.
     """
 
     def __init__(
@@ -56,9 +62,31 @@ class Linear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.delta: LowRankDelta | None = None
+        self.compressed: CompressedWeight | None
+        self.register_module("compressed", None)
+
+    def compress(self, weight: CompressedWeight) -> None:
+        """Compute with `weight` from now on; the dense weight is dropped."""
+        if (weight.out_features, weight.in_features) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"compressed weight is {weight.out_features}x{weight.in_features}, the projection"
+                f" {self.out_features}x{self.in_features}"
+            )
+        self.weight = None
+        self.compressed = weight
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a dense matrix (a transient copy when compressed)."""
+        if self.compressed is not None:
+            return self.compressed.dequantize(dtype or torch.float32)
+        return self.weight if dtype is None else self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_onednn(x, self.weight):
+        if self.compressed is not None:
+            y = self.compressed.linear(x)
+            if self.bias is not None:
+                y = y + self.bias
+        elif _use_onednn(x, self.weight):
             y = _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
         else:
             y = F.linear(x, self.weight, self.bias)

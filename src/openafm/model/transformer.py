@@ -98,7 +98,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.embed: nn.Module = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.output = Linear(config.dim, config.vocab_size)
@@ -106,9 +106,17 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """With tied embeddings the output head uses the embedding tensor itself (one tensor)."""
-        if self.config.tie_embeddings:
+        """With tied embeddings the output head uses the embedding tensor itself (one tensor).
+
+        A compressed embedding is tied by compressing the head with the same table.
+        """
+        if self.config.tie_embeddings and isinstance(self.embed, nn.Embedding):
             self.output.weight = self.embed.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations run in (that of the norms; weights may be compressed)."""
+        return self.norm.weight.dtype
 
     def forward(
         self,
@@ -161,7 +169,7 @@ class Transformer(nn.Module):
             tensors["output.weight"] = tensors["embed.weight"]
         self.load_state_dict(tensors, strict=True, assign=True)
         self.tie_weights()
-        self.rope.reset(self.embed.weight.device)
+        self.rope.reset(self.norm.weight.device)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Fresh weights for training from scratch (output projections scaled by depth)."""

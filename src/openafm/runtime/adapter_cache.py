@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from openafm.adapters import LoraAdapter, check_base, detach, load_adapter, set_deltas
+from openafm.adapters import LoraAdapter, check_base, load_adapter, set_deltas
 from openafm.adapters.registry import find_adapter
-from openafm.model import LowRankDelta, Transformer
+from openafm.model import Linear, LowRankDelta, Transformer
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
@@ -59,13 +59,15 @@ class AdapterCache:
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
         force: bool = False,
         resolve: Callable[[str], Path] = find_adapter,
+        default: str | None = None,
     ) -> None:
         self.model = model
+        self.default = default
         self._signature = signature
         self.budget_bytes = budget_bytes
         self.force = force
         self.resolve = resolve
-        self.dtype = model.embed.weight.dtype
+        self.dtype = model.dtype
         self._loaded: OrderedDict[str, ServingAdapter] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
@@ -111,7 +113,11 @@ class AdapterCache:
         return serving
 
     def resolve_rows(self, names: Sequence[str | None]) -> list[ServingAdapter | None]:
-        """Every row's adapter, all loaded before any is used (one bad name fails the batch)."""
+        """Every row's adapter, all loaded before any is used (one bad name fails the batch).
+
+        Rows naming none get the default adapter, when there is one.
+        """
+        names = [self.default if n is None else n for n in names]
         unique = {n: self.get(n) for n in dict.fromkeys(n for n in names if n is not None)}
         return [None if n is None else unique[n] for n in names]
 
@@ -142,11 +148,15 @@ def overlay(rows: Sequence[ServingAdapter | None]) -> dict[str, LowRankDelta]:
 
 @contextmanager
 def overlaid(models: Sequence[Transformer], deltas: dict[str, LowRankDelta]) -> Iterator[None]:
-    """Attach `deltas` to the seams of each model for the duration of one batch."""
+    """Attach `deltas` to the seams of each model for one batch, then restore what was there."""
+    saved = [
+        {name: m.delta for name, m in model.named_modules() if isinstance(m, Linear)}
+        for model in models
+    ]
     try:
         for model in models:
             set_deltas(model, deltas)
         yield
     finally:
-        for model in models:
-            detach(model)
+        for model, before in zip(models, saved, strict=True):
+            set_deltas(model, {n: d for n, d in before.items() if d is not None})

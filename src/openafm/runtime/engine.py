@@ -90,7 +90,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.prefill_dtype = prefill_dtype
         self.prefill_model = model
-        if prefill_dtype != model.embed.weight.dtype:
+        if prefill_dtype != model.dtype and not _is_compressed(model):
             self.prefill_model = _cast_copy(model, prefill_dtype)
         self.cache_dtype = cache_dtype
         self.context_length = model.config.max_seq_len
@@ -261,6 +261,11 @@ class Engine:
         piece = row.text[row.emitted : end]
         row.emitted = max(row.emitted, end)
         return piece
+
+
+def _is_compressed(model: Transformer) -> bool:
+    """Compressed projections compute from their tables; a dense twin would defeat them."""
+    return any(isinstance(m, Linear) and m.compressed is not None for m in model.modules())
 
 
 def _cast_copy(model: Transformer, dtype: torch.dtype) -> Transformer:

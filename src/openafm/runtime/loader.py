@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from openafm.adapters import check_base, load_adapter
 from openafm.io import (
     Checkpoint,
     build_model,
@@ -21,6 +22,12 @@ from openafm.io import (
     read_checkpoint,
     resolve_model,
     write_hf,
+)
+from openafm.io.compressed_checkpoint import (
+    RECOVERY_DIR,
+    is_compressed_dir,
+    load_compressed,
+    read_compression_meta,
 )
 from openafm.io.hf_checkpoint import CONFIG_FILE
 from openafm.model import Transformer
@@ -37,6 +44,7 @@ class Pretrained:
     tokenizer: Tokenizer
     checkpoint: Checkpoint
     path: Path  # what the user named (resolved), not the conversion cache
+    default_adapter: Path | None = None  # applied when a request names none (recovery adapter)
     _signature: str | None = field(default=None, repr=False)
 
     def signature(self) -> str:
@@ -90,6 +98,8 @@ def load_pretrained(
 ) -> Pretrained:
     """Model + tokenizer from a known name (fetched on first use), a GGUF file, or a HF directory."""
     path = resolve_model(name_or_path)
+    if is_compressed_dir(path):
+        return _load_compressed(path)
     source = path
     if path.is_dir() and not (path / CONFIG_FILE).exists():
         ggufs = sorted(path.glob("*.gguf"))
@@ -112,6 +122,29 @@ def load_pretrained(
     return Pretrained(build_model(checkpoint), tokenizer, checkpoint, path)
 
 
+def _load_compressed(path: Path) -> Pretrained:
+    """A compressed model; its recovery adapter, when it has one, is attached by default."""
+    model = load_compressed(path)
+    meta = read_compression_meta(path)
+    checkpoint = Checkpoint(
+        model.config,
+        {},
+        path,
+        "palettized",
+        {name: f"lut{entry['bits']}" for name, entry in meta["tensors"].items()},
+    )
+    recovery = path / RECOVERY_DIR
+    pretrained = Pretrained(
+        model, load_tokenizer(path), checkpoint, path, recovery if recovery.is_dir() else None
+    )
+    if pretrained.default_adapter is not None:
+        adapter = load_adapter(pretrained.default_adapter)
+        check_base(adapter, pretrained.signature())
+        adapter.check_fits(model)
+        adapter.attach(model)
+    return pretrained
+
+
 def engine_for(
     pretrained: Pretrained,
     *,
@@ -125,6 +158,7 @@ def engine_for(
         pretrained.signature,
         budget_bytes=adapter_budget_bytes,
         force=force_adapters,
+        default=None if pretrained.default_adapter is None else str(pretrained.default_adapter),
     )
     return Engine(
         pretrained.model, pretrained.tokenizer, prefill_dtype=prefill_dtype, adapters=cache

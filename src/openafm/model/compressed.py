@@ -1,0 +1,159 @@
+"""Compressed weights the linear seam computes with: lookup tables (palettization) and int8 rows.
+
+Neither keeps a dense copy: `PalettizedWeight` holds bit-packed indices, one float16 lookup
+table per group of output rows and an optional float16 scale per row, and rebuilds the dense
+matrix transiently inside each product; `Int8Rows` holds int8 values with one scale per row
+and multiplies with PyTorch's int8 weight-only kernel (it also serves as an 8-bit embedding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_WEIGHT_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-pack unsigned indices `(rows, n)` (n a multiple of 8) into uint8 `(rows, n*bits/8)`.
+
+    Little-endian bit stream per row: index `i` occupies bits `[i*bits, (i+1)*bits)`, so with
+    4 bits the first index is a byte's low nibble.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, not {bits}")
+    rows, n = indices.shape
+    if n % 8:
+        raise ValueError(f"row length {n} is not a multiple of 8")
+    if indices.numel() and int(indices.max()) >= 1 << bits:
+        raise ValueError(f"an index does not fit in {bits} bits")
+    chunks = indices.to(torch.int64).view(rows, n // 8, 8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    words = (chunks << shifts).sum(-1)  # 8 indices -> one integer of 8*bits bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    packed = (words.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return packed.to(torch.uint8).reshape(rows, n // 8 * bits)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_indices`: int64 indices `(rows, n)`."""
+    rows, nbytes = packed.shape
+    if bits == 8:
+        return packed.to(torch.int64)
+    if bits in (1, 2, 4):
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+        values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return values.reshape(rows, nbytes * per_byte).to(torch.int64)
+    groups = packed.view(rows, nbytes // bits, bits).to(torch.int64)
+    words = (groups << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1)
+    values = (words.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * bits)) & (
+        (1 << bits) - 1
+    )
+    return values.reshape(rows, nbytes // bits * 8)
+
+
+class PalettizedWeight(nn.Module):
+    """A weight `(out, in)` whose row `r` is `scale[r] · lut[r // group][indices[r]]`."""
+
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        lut: torch.Tensor,
+        scale: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+        in_features: int,
+    ) -> None:
+        super().__init__()
+        out_features = indices.shape[0]
+        if out_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide {out_features} rows")
+        if lut.shape != (out_features // group_size, 1 << bits):
+            raise ValueError(f"lookup tables of shape {tuple(lut.shape)} do not fit {bits} bits")
+        if indices.shape[1] * 8 != in_features * bits:
+            raise ValueError(f"packed indices of shape {tuple(indices.shape)} do not fit")
+        self.bits = bits
+        self.group_size = group_size
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("indices", indices)
+        self.register_buffer("lut", lut)
+        self.register_buffer("scale", scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense matrix (transient: callers must not keep it)."""
+        idx = unpack_indices(self.indices, self.bits)
+        offsets = torch.arange(self.out_features) // self.group_size * (1 << self.bits)
+        w = torch.take(self.lut.to(dtype), idx + offsets.unsqueeze(1))
+        if self.scale is not None:
+            w = w * self.scale.to(dtype).unsqueeze(1)
+        return w
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        return F.linear(x, self.dequantize(dtype))
+
+    def storage_bits(self) -> int:
+        """Bits stored: indices, tables and scales."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.buffers())
+
+
+class Int8Rows(nn.Module):
+    """A matrix `(rows, cols)` stored as int8 with one float scale per row (symmetric)."""
+
+    def __init__(self, values: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("values", values)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Rows:
+        amax = weight.abs().amax(dim=1).clamp(min=1e-12)
+        scale = (amax / 127).to(torch.float16)
+        values = torch.round(weight / scale.float().unsqueeze(1)).clamp(-127, 127)
+        return cls(values.to(torch.int8), scale)
+
+    @property
+    def in_features(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[0]
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized rows `ids` (the embedding lookup)."""
+        return self.values[ids].to(dtype) * self.scale[ids].to(dtype).unsqueeze(-1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.values.to(dtype) * self.scale.to(dtype).unsqueeze(1)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            x = x.to(dtype)
+        if _WEIGHT_INT8_MM is not None and x.device.type == "cpu" and not x.requires_grad:
+            flat = x.reshape(-1, x.shape[-1])
+            if x.dtype not in (torch.bfloat16, torch.float32):
+                flat = flat.float()
+            y = _WEIGHT_INT8_MM(flat.contiguous(), self.values, self.scale.to(flat.dtype))
+            return y.view(*x.shape[:-1], -1).to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def storage_bits(self) -> int:
+        return sum(t.numel() * t.element_size() * 8 for t in self.buffers())
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table held as `Int8Rows` (the output head may share the same rows)."""
+
+    def __init__(self, table: Int8Rows, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table.rows(tokens, self.dtype)
