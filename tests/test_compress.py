@@ -181,7 +181,7 @@ def test_bits_summary_counts_the_embedding_in_the_total(tmp_path):
     result, _ = _compressed_tiny(tmp_path, bit_widths=(4,), target=5.0)
     s = bits_summary(result.model)
     config = result.model.config
-    linear = s["palettized_weights"]
+    linear = s["projection_weights"]
     embed_weights = config.vocab_size * config.dim
     assert s["total_weights"] > linear + embed_weights - 1
     norms_bits = sum(

@@ -22,11 +22,10 @@ from openafm.adapters.registry import find_adapter, list_adapters, remove_adapte
 from openafm.adapters.sft import SftRun, run_sft
 from openafm.adapters.sft_data import read_conversations
 from openafm.adapters.trainer import StepReport, TrainConfig
-from openafm.cli.common import command_line, err_console, print_json, user_errors
+from openafm.cli.common import command_line, err_console, load_named, print_json, user_errors
 from openafm.features import get_feature
 from openafm.files import read_jsonl, sha256_file
 from openafm.io import openafm_home
-from openafm.runtime import load_pretrained
 
 app = typer.Typer(help="Train, list, inspect and convert feature adapters.", no_args_is_help=True)
 
@@ -159,7 +158,7 @@ def train(
             overwrite=overwrite,
         )
         with err_console.status("loading model…", spinner="dots"):
-            pretrained = load_pretrained(model)
+            pretrained = load_named(model)
             signature = pretrained.signature()
         provenance = {
             "command": command_line(),
@@ -304,7 +303,7 @@ def import_cmd(
         if target.exists() and not overwrite:
             raise ValueError(f"adapter {adapter.name!r} exists; pass --overwrite to replace it")
         with err_console.status("checking it against the base…", spinner="dots"):
-            pretrained = load_pretrained(model)
+            pretrained = load_named(model)
             adapter.check_fits(pretrained.model)
             adapter.metadata["base_signature"] = pretrained.signature()
         save_adapter(adapter, target)

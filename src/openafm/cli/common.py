@@ -8,14 +8,16 @@ import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
 from openafm.io import CheckpointError, FetchError
-from openafm.runtime import ContextLengthError
-from openafm.tokenizer import ChatTemplateError
+from openafm.model import Transformer
+from openafm.runtime import ContextLengthError, Pretrained, load_pretrained
+from openafm.tokenizer import ChatTemplateError, Tokenizer
 
 err_console = Console(stderr=True)
 
@@ -86,3 +88,19 @@ def read_prompt(prompt: str) -> str:
     except UnicodeEncodeError:
         raise ValueError("the prompt is not valid UTF-8") from None
     return prompt
+
+
+def load_named(name_or_path: str | Path | None) -> Pretrained:
+    """`load_pretrained`, building a compressed model from its shipped recipe on first use."""
+    from openafm.compress.default_model import ensure_built, recipe_names
+
+    if name_or_path is not None and str(name_or_path) in recipe_names():
+        name = str(name_or_path)
+
+        def load_base(base: str) -> tuple[Transformer, Tokenizer, str]:
+            pretrained = load_pretrained(base)
+            return pretrained.model, pretrained.tokenizer, pretrained.signature()
+
+        with err_console.status(f"building {name} from its recipe (first use)…", spinner="dots"):
+            name_or_path = ensure_built(name, load_base)
+    return load_pretrained(name_or_path)

@@ -8,8 +8,8 @@ from typing import Annotated
 import torch
 import typer
 
-from openafm.cli.common import err_console, print_json, read_prompt, user_errors
-from openafm.runtime import SamplingParams, engine_for, load_pretrained
+from openafm.cli.common import err_console, load_named, print_json, read_prompt, user_errors
+from openafm.runtime import SamplingParams, engine_for
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -71,7 +71,7 @@ def generate(
             stop=tuple(stop or ()),
         )
         with err_console.status("loading model…", spinner="dots"):
-            pretrained = load_pretrained(model)
+            pretrained = load_named(model)
         engine = engine_for(pretrained, prefill_dtype=_DTYPES[prefill_dtype], force_adapters=force)
         ids = engine.encode(
             text, chat=chat and pretrained.tokenizer.chat_template is not None, system=system

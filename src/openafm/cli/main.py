@@ -7,24 +7,28 @@ from typing import Annotated
 import typer
 
 from openafm import __version__
-from openafm.cli import adapter, data, eval, model
+from openafm.cli import adapter, data, eval, export, model
 from openafm.cli.common import setup_logging
+from openafm.cli.compress import compress, recover
 from openafm.cli.generate import generate
 from openafm.cli.tokenize import tokenize
 
 app = typer.Typer(
     name="afm",
-    help="OpenAFM: on-device foundation model tools (generate, tokenize, models, data, adapters).",
+    help="OpenAFM: on-device foundation model tools (generate, tokenize, models, data, adapters, compression).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 app.command()(generate)
 app.command()(tokenize)
+app.command()(compress)
+app.command()(recover)
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(eval.app, name="eval")
+app.add_typer(export.app, name="export")
 
 
 def _version(value: bool) -> None:

@@ -9,9 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from openafm.cli.common import err_console, print_json, user_errors
+from openafm.cli.common import err_console, load_named, print_json, user_errors
 from openafm.io import DEFAULT_MODEL, KNOWN_MODELS, fetch_model, model_signature
-from openafm.runtime import load_pretrained
 
 app = typer.Typer(help="Fetch models into the cache and inspect them.", no_args_is_help=True)
 
@@ -52,7 +51,7 @@ def info(
     """Config, parameter count, bytes on disk and in memory, and signature of a model."""
     with user_errors():
         with err_console.status("loading model…", spinner="dots"):
-            pretrained = load_pretrained(model)
+            pretrained = load_named(model)
         m, ck = pretrained.model, pretrained.checkpoint
         tensors = dict(m.named_parameters())
         params = sum(p.numel() for p in tensors.values())

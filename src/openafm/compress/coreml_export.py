@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openafm.model import Transformer
+from openafm.model import LowRankDelta, Transformer
 from openafm.model.compressed import Int8Embedding, Int8Rows, PalettizedWeight
 from openafm.model.linear import Linear
 
@@ -68,7 +69,9 @@ def _dense_twin(model: Transformer) -> nn.Module:
         original = source[name]
         assert isinstance(original, Linear)
         module.weight = nn.Parameter(original.dense_weight().float(), requires_grad=False)
-        module.delta = original.delta
+        if original.delta is not None:
+            d = original.delta
+            module.delta = LowRankDelta(d.a.detach(), d.b.detach(), d.scale)
         compressed = original.compressed
         if isinstance(compressed, PalettizedWeight):
             groups, k = compressed.lut.shape
@@ -111,15 +114,19 @@ class _LogitsOf(nn.Module):
 
 
 @contextlib.contextmanager
-def _plain_attention() -> Iterator[None]:
-    """Trace attention with key/value heads repeated (the converter lacks `enable_gqa`)."""
+def _plain_attention(repeat: int) -> Iterator[None]:
+    """Trace attention with key/value heads repeated (the converter lacks `enable_gqa`).
+
+    No arithmetic on shapes: traced, it would become tensor ops the converter rejects.
+    """
     original = F.scaled_dot_product_attention
 
     def repeated(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False):
-        if enable_gqa and k.shape[1] != q.shape[1]:
-            repeat = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+        if enable_gqa and repeat > 1:
+            k = k[:, :, None].expand(-1, -1, repeat, -1, -1).flatten(1, 2)
+            v = v[:, :, None].expand(-1, -1, repeat, -1, -1).flatten(1, 2)
+        causal = bool(is_causal)
+        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
 
     F.scaled_dot_product_attention = repeated
     try:
@@ -128,8 +135,13 @@ def _plain_attention() -> Iterator[None]:
         F.scaled_dot_product_attention = original
 
 
-def export_coreml(model: Transformer, out: str | Path, *, max_tokens: int = 512) -> PackageSummary:
-    """Convert `model` (compressed, adapters attached) to `out` (`.mlpackage`), atomically."""
+def export_coreml(model: Transformer, out: str | Path, *, seq_len: int = 128) -> PackageSummary:
+    """Convert `model` (compressed, adapters attached) to `out` (`.mlpackage`), atomically.
+
+    The program maps `input_ids` (1, seq_len) int32 to `logits` (1, seq_len, vocab) float16: a
+    fixed-length causal pass (pad shorter prompts on the right and read the logits at the last
+    real position: causal attention never looks right).
+    """
     try:
         import coremltools as ct
     except ImportError as exc:
@@ -138,19 +150,14 @@ def export_coreml(model: Transformer, out: str | Path, *, max_tokens: int = 512)
         ) from exc
     out = Path(out)
     twin = _LogitsOf(_dense_twin(model))
-    example = torch.zeros(1, 8, dtype=torch.int32)
-    with torch.no_grad(), _plain_attention():
+    example = torch.zeros(1, seq_len, dtype=torch.int32)
+    repeat = model.config.n_heads // model.config.n_kv_heads
+    with torch.no_grad(), _plain_attention(repeat):
         traced = torch.jit.trace(twin, example, check_trace=False)
-    import numpy as np
-
     try:
         mlmodel = ct.convert(
             traced,
-            inputs=[
-                ct.TensorType(
-                    name="input_ids", shape=(1, ct.RangeDim(1, max_tokens, 8)), dtype=np.int32
-                )
-            ],
+            inputs=[ct.TensorType(name="input_ids", shape=(1, seq_len), dtype=np.int32)],
             outputs=[ct.TensorType(name="logits")],
             minimum_deployment_target=ct.target.iOS18,
             compute_precision=ct.precision.FLOAT16,

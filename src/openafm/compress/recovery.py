@@ -9,6 +9,7 @@ warmup + cosine, clipping, progress), so a killed run continues where it stopped
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -77,8 +78,9 @@ def distillation_loss(
 def read_texts(path: str | Path) -> Iterator[str]:
     """Training texts of a file: a plain-text file whole, or each JSON/JSONL record's text.
 
-    Records may be chat (`messages`), instruction/output pairs (Alpaca: both joined) or
-    `text`; a `.json` file holds a list of such records.
+    A record's text is its `text` field, its chat `messages`, its instruction and output
+    (Alpaca), or else every one of its string fields of more than a few words (an article, an
+    e-mail, a dialogue with its summaries). A `.json` file holds a list of records.
     """
     path = Path(path)
     if not path.is_file():
@@ -96,9 +98,7 @@ def read_texts(path: str | Path) -> Iterator[str]:
     for where, record in rows:
         text = _record_text(record)
         if text is None:
-            raise RecoveryDataError(
-                f"{path}:{where}: a record needs 'text', 'messages' or 'instruction' and 'output'"
-            )
+            raise RecoveryDataError(f"{path}:{where}: a record holds no text")
         yield text
 
 
@@ -111,7 +111,8 @@ def _record_text(record: object) -> str | None:
         return "\n\n".join(str(m.get("content", "")) for m in record["messages"])
     if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
         return f"{record['instruction']}\n\n{record['output']}"
-    return None
+    fields = [v for v in record.values() if isinstance(v, str) and len(v.split()) > 3]
+    return "\n\n".join(fields) or None
 
 
 def token_windows(
@@ -150,7 +151,11 @@ def train_recovery(
     init: LoraAdapter | None = None,
     on_step: Callable[[StepReport], None] | None = None,
 ) -> tuple[LoraAdapter, TrainResult]:
-    """Distil `teacher` into `student` (compressed, frozen) through a new LoRA adapter."""
+    """Distil `teacher` into `student` (compressed, frozen) through a new LoRA adapter.
+
+    The teacher runs from a bf16 copy of its projections (cast once; `teacher` is unchanged).
+    """
+    teacher = copy.deepcopy(teacher)
     freeze_base(teacher, bf16=True)
     adapter = init or LoraAdapter.fresh(name, student, recovery.lora(), seed=config.seed)
     settings = hashlib.sha256(

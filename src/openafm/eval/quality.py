@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from openafm.model import Transformer
+from openafm.model import KVCache, Transformer
 
 
 @dataclass(frozen=True)
@@ -38,16 +38,24 @@ def compare_models(
     reference: Transformer,
     windows: Sequence[torch.Tensor],
     *,
+    kv_dtype: torch.dtype | None = None,
     on_window: Callable[[int], None] | None = None,
 ) -> QualityReport:
-    """Score `model` against `reference` on token windows `(1, n)` (the second halves)."""
+    """Score `model` against `reference` on token windows `(1, n)` (the second halves).
+
+    With `kv_dtype` (e.g. int8) `model` reads its keys and values back from a KV cache of that
+    dtype, as generation does, so the cache's rounding is part of what is scored.
+    """
     if not windows:
         raise ValueError("no text windows to score")
     klds, nll, nll_ref, same = [], 0.0, 0.0, 0
     for i, tokens in enumerate(windows):
         start = tokens.shape[1] // 2
         targets = tokens[0, start + 1 :]
-        logp = F.log_softmax(model(tokens)[0, start:-1].float(), dim=-1)
+        cache = None
+        if kv_dtype is not None:
+            cache = KVCache(model.config.n_layers, 1, tokens.shape[1], dtype=kv_dtype)
+        logp = F.log_softmax(model(tokens, cache)[0, start:-1].float(), dim=-1)
         logp_ref = F.log_softmax(reference(tokens)[0, start:-1].float(), dim=-1)
         klds.append((logp_ref.exp() * (logp_ref - logp)).sum(-1))
         nll -= float(logp.gather(1, targets.unsqueeze(1)).sum())

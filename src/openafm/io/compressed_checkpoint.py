@@ -76,25 +76,31 @@ def tensor_entries(model: Transformer) -> dict[str, TensorEntry]:
 
 
 def bits_summary(model: Transformer) -> dict[str, float | int]:
-    """Bits per weight over the palettized projections (`bpw`) and over every parameter.
+    """Bits per weight over the block projections (`bpw`) and over every weight (`bpw_total`).
 
-    `bpw_total` counts every stored tensor (the int8 embedding and its scales, norms, any dense
-    projection) over every weight of the model, the tied head counted once.
+    `bpw` counts what the projections store (indices, tables and scales when palettized, the
+    dense dtype otherwise); `bpw_total` counts every stored tensor (embedding and its scales,
+    norms) over every weight of the model, the tied head counted once.
     """
-    entries = tensor_entries(model)
-    weights = sum(e.weights for e in entries.values())
-    stored = sum(e.storage_bits for e in entries.values())
-    total_bits, total_weights = 0, 0
+    weights = stored = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name.startswith("layers."):
+            weights += module.in_features * module.out_features
+            if isinstance(module.compressed, PalettizedWeight):
+                stored += module.compressed.storage_bits()
+            else:
+                stored += module.dense_weight().numel() * module.dense_weight().element_size() * 8
+    palettized = sum(e.weights for e in tensor_entries(model).values())
+    total_bits, total_weights = 0, palettized
     for name, tensor in _unique_tensors(model).items():
         total_bits += tensor.numel() * tensor.element_size() * 8
         if name.endswith((".scale", ".lut")) or "compressed.indices" in name:
             continue
         total_weights += tensor.numel()
-    total_weights += weights  # palettized weights are counted by their logical size
     return {
-        "bpw": stored / weights if weights else float("nan"),
+        "bpw": stored / weights,
         "bpw_total": total_bits / total_weights,
-        "palettized_weights": weights,
+        "projection_weights": weights,
         "total_weights": total_weights,
         "bytes": total_bits // 8,
     }

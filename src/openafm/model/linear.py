@@ -101,11 +101,12 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     Measured here (AVX-512, 2 threads, the default base's shapes, row-major weights): one-token
     products stream about 20% faster than `F.linear` (MKL) and up to twice as fast for 2-8 rows;
     256-row products about 10% faster. Training (autograd), autocast's mixed dtypes, other
-    devices and sharded (DTensor) weights keep `F.linear`.
+    devices, sharded (DTensor) weights and tracing (for export) keep `F.linear`.
     """
     return (
         _ONEDNN_LINEAR is not None
         and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
         and not torch.is_autocast_enabled("cpu")
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
