@@ -35,6 +35,18 @@ def tiny() -> Transformer:
     return make_tiny()
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny model and the byte tokenizer as a Hugging Face directory (for the CLI)."""
+    from openafm.io import write_hf
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    model = make_tiny()
+    write_hf(path, model.config, model.state_dict())
+    byte_tokenizer().save(path)
+    return path
+
+
 def byte_tokenizer(vocab_size: int = 512) -> Tokenizer:
     """A byte-level tokenizer with no merges: every UTF-8 byte is one token (ids 0..255),
     then special tokens; padded to `vocab_size` with unused tokens."""

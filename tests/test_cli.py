@@ -8,19 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from openafm.io import model_signature, write_hf
+from openafm.io import model_signature
 from tests.conftest import byte_tokenizer, make_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model")
-    model = make_tiny()
-    write_hf(path, model.config, model.state_dict())
-    byte_tokenizer().save(path)
-    return path
 
 
 def afm(

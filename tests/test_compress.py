@@ -242,3 +242,19 @@ def test_hessians_are_shared_by_projections_reading_one_input():
     assert h["layers.1.mlp.gate"] is h["layers.1.mlp.up"]
     assert h["layers.1.mlp.down"].shape == (128, 128)
     assert torch.allclose(h["layers.0.attn.q"], h["layers.0.attn.q"].T)
+
+
+def test_affine_baseline_is_exact_on_its_own_grid_and_counts_its_constants():
+    from openafm.compress.affine import affine_bits_per_weight, affine_round_to_nearest
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (8, 64), generator=gen).float()
+    low = torch.randn(8, 2, 1, generator=gen).to(torch.float16).float()
+    step = (torch.rand(8, 2, 1, generator=gen) + 0.5).to(torch.float16).float()
+    q[:, ::32] = 0  # every block spans the full grid, so its min and step are recovered
+    q[:, 1::32] = 15
+    weight = (q.view(8, 2, 32) * step + low).view(8, 64)
+    assert torch.allclose(affine_round_to_nearest(weight, 4, 32), weight, atol=1e-3)
+    assert affine_bits_per_weight(4, 32) == 5.0
+    coarse = affine_round_to_nearest(weight, 2, 32)
+    assert (coarse - weight).abs().max() <= step.max() * 15 / 3 / 2 + 1e-3

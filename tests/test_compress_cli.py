@@ -9,18 +9,7 @@ from pathlib import Path
 import pytest
 
 from openafm.compress.pipeline import DEFAULT_CALIBRATION
-from openafm.io import write_hf
-from tests.conftest import byte_tokenizer, make_tiny
 from tests.test_cli import afm
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model")
-    model = make_tiny()
-    write_hf(path, model.config, model.state_dict())
-    byte_tokenizer().save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +70,21 @@ def test_quality_recover_generate_and_export(compressed_dir, tiny_dir, tmp_path)
     )  # fmt: skip
     assert generated.returncode == 0, generated.stderr.decode()
     assert json.loads(generated.stdout)["completion_tokens"] >= 1
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"Say {w}.", "completion": f"{w}!"}) for w in ("hi", "yes", "no")
+        )
+    )
+    feature = afm(
+        "adapter", "train", "--model", str(compressed_dir), "--data", str(chats), "--name",
+        "on-compressed", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "f"),
+        "--run-dir", str(tmp_path / "f-run"),
+    )  # fmt: skip
+    assert feature.returncode == 0, feature.stderr.decode()
+    trained = json.loads((tmp_path / "f" / "adapter.json").read_text())
+    assert trained["init_from"] == "recovery"  # feature adapters start from the recovery adapter
 
     package = tmp_path / "tiny.mlpackage"
     export = afm(

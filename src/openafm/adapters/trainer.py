@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from openafm.adapters.lora import LoraAdapter
 from openafm.adapters.sft_data import IGNORE, Example, collate, epoch_batches
 from openafm.model import Linear, Transformer
+from openafm.model.compressed import dense_copies
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -98,7 +99,8 @@ class TrainResult:
 def freeze_base(model: Transformer, *, bf16: bool) -> None:
     """No gradients for the base; with `bf16` its projections become bf16 once (they never change).
 
-    Compressed projections stay compressed (they rebuild each product in the autocast dtype).
+    Compressed projections stay compressed; during training they compute from bf16 copies made
+    once (`dense_copies`), so a step costs what it costs on a dense base.
     """
     model.requires_grad_(False)
     if bf16:
@@ -222,7 +224,8 @@ def train_adapter(
     micro_per_epoch = math.ceil(len(train) / config.batch_size)
     order_epoch, order = -1, []
     tokens_seen, start = 0, time.perf_counter()
-    with (run_dir / METRICS).open("a") as metrics:
+    copies = dense_copies(model, torch.bfloat16) if config.bf16 else contextlib.nullcontext()
+    with (run_dir / METRICS).open("a") as metrics, copies:
         while step < config.steps:
             batches = []
             for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):

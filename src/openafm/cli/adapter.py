@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from openafm.adapters import (
@@ -21,8 +20,15 @@ from openafm.adapters.peft_format import export_peft, import_peft
 from openafm.adapters.registry import find_adapter, list_adapters, remove_adapter, user_adapters_dir
 from openafm.adapters.sft import SftRun, run_sft
 from openafm.adapters.sft_data import read_conversations
-from openafm.adapters.trainer import StepReport, TrainConfig
-from openafm.cli.common import command_line, err_console, load_named, print_json, user_errors
+from openafm.adapters.trainer import TrainConfig
+from openafm.cli.common import (
+    command_line,
+    err_console,
+    load_named,
+    print_json,
+    training_progress,
+    user_errors,
+)
 from openafm.features import get_feature
 from openafm.files import read_jsonl, sha256_file
 from openafm.io import openafm_home
@@ -99,7 +105,10 @@ def train(
     eval_every: Annotated[int, typer.Option(min=1, help="Steps between eval losses.")] = 50,
     init_from: Annotated[
         str | None,
-        typer.Option(help="Start from this adapter (name or path), e.g. the recovery adapter."),
+        typer.Option(
+            help="Start from this adapter (name or path) [default: a compressed base's recovery"
+            " adapter, else a fresh adapter]."
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Base model [default: the on-device base].")
@@ -147,19 +156,19 @@ def train(
                     "must leave some training examples", param_hint="--holdout"
                 )
             conversations, held_out = conversations[:-holdout], conversations[-holdout:]
+        with err_console.status("loading model…", spinner="dots"):
+            pretrained = load_named(model)
+            signature = pretrained.signature()
         run = SftRun(
             name=name,
             out_dir=out or user_adapters_dir() / name,
             run_dir=run_dir or openafm_home() / "runs" / "adapters" / name,
             seq_len=seq_len,
             epochs=epochs,
-            init_from=find_adapter(init_from) if init_from else None,
+            init_from=find_adapter(init_from) if init_from else pretrained.default_adapter,
             restart=restart,
             overwrite=overwrite,
         )
-        with err_console.status("loading model…", spinner="dots"):
-            pretrained = load_named(model)
-            signature = pretrained.signature()
         provenance = {
             "command": command_line(),
             "data": data.name,
@@ -167,28 +176,7 @@ def train(
             "feature": feature,
             "base_model": str(pretrained.path.name),
         }
-        progress = Progress(
-            TextColumn(f"training {name}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[speed]} tok/s"),
-            TimeRemainingColumn(),
-            console=err_console,
-        )
-        task = progress.add_task("train", total=None, loss="-", speed="-")
-
-        def on_step(report: StepReport) -> None:
-            progress.update(
-                task,
-                completed=report.step,
-                total=report.steps,
-                loss=f"{report.loss:.3f}",
-                speed=f"{report.tokens_per_s:.0f}",
-            )
-            if report.eval_loss is not None:
-                progress.console.log(f"step {report.step}: eval loss {report.eval_loss:.4f}")
-
+        progress, on_step = training_progress(f"training {name}")
         with progress:
             adapter, result = run_sft(
                 pretrained.model,
@@ -200,7 +188,6 @@ def train(
                 config,
                 eval_conversations=held_out,
                 provenance=provenance,
-                on_start=lambda total: progress.update(task, total=total),
                 on_step=on_step,
             )
         summary = {

@@ -6,14 +6,16 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from openafm.adapters.trainer import StepReport
 from openafm.io import CheckpointError, FetchError
 from openafm.model import Transformer
 from openafm.runtime import ContextLengthError, Pretrained, load_pretrained
@@ -104,3 +106,32 @@ def load_named(name_or_path: str | Path | None) -> Pretrained:
         with err_console.status(f"building {name} from its recipe (first use)…", spinner="dots"):
             name_or_path = ensure_built(name, load_base)
     return load_pretrained(name_or_path)
+
+
+def training_progress(
+    title: str, *, loss_name: str = "loss", eval_name: str = "eval loss"
+) -> tuple[Progress, Callable[[StepReport], None]]:
+    """A progress bar for a training run (steps, loss, tokens/s, time left) and its callback."""
+    progress = Progress(
+        TextColumn(title),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(f"{loss_name} {{task.fields[loss]}}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    task = progress.add_task("train", total=None, loss="-", speed="-")
+
+    def on_step(report: StepReport) -> None:
+        progress.update(
+            task,
+            completed=report.step,
+            total=report.steps,
+            loss=f"{report.loss:.4f}",
+            speed=f"{report.tokens_per_s:.0f}",
+        )
+        if report.eval_loss is not None:
+            progress.console.log(f"step {report.step}: {eval_name} {report.eval_loss:.4f}")
+
+    return progress, on_step

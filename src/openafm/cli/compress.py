@@ -16,8 +16,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from openafm.adapters import detach, save_adapter
-from openafm.adapters.trainer import StepReport, TrainConfig
-from openafm.cli.common import command_line, err_console, load_named, print_json, user_errors
+from openafm.adapters.trainer import TrainConfig
+from openafm.cli.common import (
+    command_line,
+    err_console,
+    load_named,
+    print_json,
+    training_progress,
+    user_errors,
+)
 from openafm.compress.allocate import OperationCost, allocate_bits
 from openafm.compress.palettize import PalettizeConfig
 from openafm.compress.pipeline import DEFAULT_CALIBRATION, CompressConfig, compress_model
@@ -275,26 +282,7 @@ def recover(
         run_dir = run_dir or model / ".recovery-run"
         if restart and run_dir.exists():
             shutil.rmtree(run_dir)
-        progress = Progress(
-            TextColumn("recovery"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("KL {task.fields[loss]}"),
-            TextColumn("{task.fields[speed]} tok/s"),
-            TimeRemainingColumn(),
-            console=err_console,
-        )
-        task = progress.add_task("train", total=steps, loss="-", speed="-")
-
-        def on_step(report: StepReport) -> None:
-            progress.update(
-                task,
-                completed=report.step,
-                loss=f"{report.loss:.4f}",
-                speed=f"{report.tokens_per_s:.0f}",
-            )
-            if report.eval_loss is not None:
-                progress.console.log(f"step {report.step}: held-out KLD {report.eval_loss:.4f}")
+        progress, on_step = training_progress("recovery", loss_name="KL", eval_name="held-out KLD")
 
         pad = student.tokenizer.eos_id or 0
         with progress:

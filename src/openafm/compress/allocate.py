@@ -42,7 +42,7 @@ class OperationCost:
 
 
 @torch.no_grad()
-def reference_log_probs(model: Transformer, windows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _log_probs(model: Transformer, windows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [F.log_softmax(model(w)[0].float(), dim=-1) for w in windows]
 
 
@@ -80,7 +80,7 @@ def measure_costs(
     on_step: Callable[[], None] | None = None,
 ) -> list[OperationCost]:
     """Sensitivity and cost of every candidate (projection, bits) of a dense `model`."""
-    reference = reference_log_probs(model, windows)
+    reference = _log_probs(model, windows)
     modules = dict(model.named_modules())
     costs = []
     for name, by_bits in candidates.items():

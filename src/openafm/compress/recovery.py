@@ -153,7 +153,8 @@ def train_recovery(
 ) -> tuple[LoraAdapter, TrainResult]:
     """Distil `teacher` into `student` (compressed, frozen) through a new LoRA adapter.
 
-    The teacher runs from a bf16 copy of its projections (cast once; `teacher` is unchanged).
+    The teacher runs from a bf16 copy of its projections (cast once; `teacher` is unchanged);
+    the trainer runs the student from bf16 copies of its compressed weights.
     """
     teacher = copy.deepcopy(teacher)
     freeze_base(teacher, bf16=True)

@@ -1,5 +1,14 @@
-"""Evaluation: task quality (ROUGE with bootstrap intervals), and later perplexity/KL and safety."""
+"""Evaluation: task quality (ROUGE with bootstrap intervals), closeness to a reference model
+(perplexity ratio, KL divergence, same top-1), and later safety."""
 
+from openafm.eval.quality import QualityReport, compare_models, reference_log_probs
 from openafm.eval.rouge import bootstrap_ci, rouge_per_example, rouge_report
 
-__all__ = ["bootstrap_ci", "rouge_per_example", "rouge_report"]
+__all__ = [
+    "QualityReport",
+    "bootstrap_ci",
+    "compare_models",
+    "reference_log_probs",
+    "rouge_per_example",
+    "rouge_report",
+]

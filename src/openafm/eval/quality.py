@@ -33,15 +33,25 @@ class QualityReport:
 
 
 @torch.no_grad()
+def reference_log_probs(
+    reference: Transformer, windows: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The reference's log-probabilities on each window's scored half, to score many models."""
+    return [F.log_softmax(reference(t)[0, t.shape[1] // 2 : -1].float(), dim=-1) for t in windows]
+
+
+@torch.no_grad()
 def compare_models(
     model: Transformer,
-    reference: Transformer,
+    reference: Transformer | Sequence[torch.Tensor],
     windows: Sequence[torch.Tensor],
     *,
     kv_dtype: torch.dtype | None = None,
     on_window: Callable[[int], None] | None = None,
 ) -> QualityReport:
     """Score `model` against `reference` on token windows `(1, n)` (the second halves).
+
+    `reference` is a model, or its `reference_log_probs` on these windows.
 
     With `kv_dtype` (e.g. int8) `model` reads its keys and values back from a KV cache of that
     dtype, as generation does, so the cache's rounding is part of what is scored.
@@ -56,7 +66,10 @@ def compare_models(
         if kv_dtype is not None:
             cache = KVCache(model.config.n_layers, 1, tokens.shape[1], dtype=kv_dtype)
         logp = F.log_softmax(model(tokens, cache)[0, start:-1].float(), dim=-1)
-        logp_ref = F.log_softmax(reference(tokens)[0, start:-1].float(), dim=-1)
+        if isinstance(reference, Transformer):
+            logp_ref = F.log_softmax(reference(tokens)[0, start:-1].float(), dim=-1)
+        else:
+            logp_ref = reference[i]
         klds.append((logp_ref.exp() * (logp_ref - logp)).sum(-1))
         nll -= float(logp.gather(1, targets.unsqueeze(1)).sum())
         nll_ref -= float(logp_ref.gather(1, targets.unsqueeze(1)).sum())

@@ -153,6 +153,9 @@ def save_compressed(
             "made_with": dict(made_with),
         }
         (tmp / COMPRESSION_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for path in tmp.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -8,6 +8,9 @@ and multiplies with PyTorch's int8 weight-only kernel (it also serves as an 8-bi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,9 +85,12 @@ class PalettizedWeight(nn.Module):
         self.register_buffer("indices", indices)
         self.register_buffer("lut", lut)
         self.register_buffer("scale", scale)
+        self.dense_cache: torch.Tensor | None = None  # see `dense_copies`
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense matrix (transient: callers must not keep it)."""
+        if self.dense_cache is not None and self.dense_cache.dtype == dtype:
+            return self.dense_cache
         idx = unpack_indices(self.indices, self.bits)
         offsets = torch.arange(self.out_features) // self.group_size * (1 << self.bits)
         w = torch.take(self.lut.to(dtype), idx + offsets.unsqueeze(1))
@@ -108,6 +114,7 @@ class Int8Rows(nn.Module):
         super().__init__()
         self.register_buffer("values", values)
         self.register_buffer("scale", scale)
+        self.dense_cache: torch.Tensor | None = None  # see `dense_copies`
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Rows:
@@ -129,12 +136,16 @@ class Int8Rows(nn.Module):
         return self.values[ids].to(dtype) * self.scale[ids].to(dtype).unsqueeze(-1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.dense_cache is not None and self.dense_cache.dtype == dtype:
+            return self.dense_cache
         return self.values.to(dtype) * self.scale.to(dtype).unsqueeze(1)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
             x = x.to(dtype)
+        if self.dense_cache is not None and self.dense_cache.dtype == x.dtype:
+            return F.linear(x, self.dense_cache)
         if _WEIGHT_INT8_MM is not None and x.device.type == "cpu" and not x.requires_grad:
             flat = x.reshape(-1, x.shape[-1])
             if x.dtype not in (torch.bfloat16, torch.float32):
@@ -145,6 +156,25 @@ class Int8Rows(nn.Module):
 
     def storage_bits(self) -> int:
         return sum(t.numel() * t.element_size() * 8 for t in self.buffers())
+
+
+@contextmanager
+def dense_copies(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Inside the block, compressed weights compute from a dense `dtype` copy made once.
+
+    For training on a frozen compressed model (the recovery adapter): rebuilding every weight
+    in every step would dominate the step. The copies go away on leaving the block, and the
+    state dict never sees them.
+    """
+    weights = [m for m in model.modules() if isinstance(m, (PalettizedWeight, Int8Rows))]
+    try:
+        for weight in weights:
+            weight.dense_cache = None
+            weight.dense_cache = weight.dequantize(dtype)
+        yield
+    finally:
+        for weight in weights:
+            weight.dense_cache = None
 
 
 class Int8Embedding(nn.Module):

@@ -141,7 +141,7 @@ def _load_compressed(path: Path) -> Pretrained:
         adapter = load_adapter(pretrained.default_adapter)
         check_base(adapter, pretrained.signature())
         adapter.check_fits(model)
-        adapter.attach(model)
+        adapter.to(model.dtype).attach(model)
     return pretrained
 
 

@@ -1,0 +1,64 @@
+"""The shipped on-device compressed model: its recipe, a rebuild from it, and its quality."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from openafm.compress import default_model
+from openafm.compress.calibration import text_windows
+from openafm.eval.quality import compare_models, reference_log_probs
+from openafm.io.compressed_checkpoint import bits_summary
+from openafm.runtime import SamplingParams, engine_for, load_pretrained
+from tests.conftest import FIXTURES
+
+NAME = default_model.PALETTIZED_DEFAULT
+RECIPE = default_model.RECIPES_DIR / NAME
+
+
+def test_recipe_is_complete_and_within_budget():
+    recipe = json.loads((RECIPE / default_model.RECIPE_FILE).read_text())
+    assert recipe["bpw"] <= 4.0
+    assert len(recipe["bits"]) == 30 * 7
+    assert set(recipe["bits"].values()) <= set(recipe["config"]["bit_widths"])
+    adapter = json.loads((RECIPE / "recovery" / "adapter.json").read_text())
+    assert adapter["role"] == "accuracy-recovery" and adapter["rank"] == 16
+    assert adapter["training"]["tokens"] > 100_000
+
+
+@pytest.mark.slow
+def test_rebuilt_from_its_recipe_it_stays_close_to_the_base(smollm2, tmp_path, monkeypatch):
+    monkeypatch.setattr(default_model, "built_dir", lambda name: tmp_path / name)
+
+    def load_base(name: str):
+        return smollm2.model, smollm2.tokenizer, smollm2.signature()
+
+    recipe = json.loads((RECIPE / default_model.RECIPE_FILE).read_text())
+    start = time.perf_counter()
+    path = default_model.ensure_built(NAME, load_base)
+    seconds = time.perf_counter() - start
+    print(f"rebuilt {NAME} in {seconds:.0f} s")
+    compressed = load_pretrained(path)
+    meta = json.loads((path / "compression.json").read_text())
+    assert {n: e["bits"] for n, e in meta["tensors"].items()} == recipe["bits"]
+    assert bits_summary(compressed.model)["bpw"] == pytest.approx(recipe["bpw"])
+    assert compressed.default_adapter is not None  # the recovery adapter is attached
+
+    text = FIXTURES / "text" / "pride_and_prejudice_excerpt.txt"
+    windows = text_windows(smollm2.tokenizer, text, window=256, max_tokens=1024)
+    reference = reference_log_probs(smollm2.model, windows)
+    with_recovery = compare_models(compressed.model, reference, windows)
+    from openafm.adapters import detach
+
+    engine = engine_for(compressed)
+    ids = engine.encode("What is the capital of France?")
+    answer = engine.generate([ids], SamplingParams(max_tokens=12))[0].text
+    assert "Paris" in answer
+    detach(compressed.model)
+    without = compare_models(compressed.model, reference, windows)
+    assert with_recovery.kld_mean < 0.85 * without.kld_mean
+    assert with_recovery.kld_mean < 0.2
+    assert torch.isfinite(torch.tensor(with_recovery.ppl_ratio))
