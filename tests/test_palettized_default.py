@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
 import pytest
 import torch
 
+from openafm.adapters import detach
 from openafm.compress import default_model
 from openafm.compress.calibration import text_windows
 from openafm.eval.quality import compare_models, reference_log_probs
@@ -33,8 +35,8 @@ def test_recipe_is_complete_and_within_budget():
 def test_rebuilt_from_its_recipe_it_stays_close_to_the_base(smollm2, tmp_path, monkeypatch):
     monkeypatch.setattr(default_model, "built_dir", lambda name: tmp_path / name)
 
-    def load_base(name: str):
-        return smollm2.model, smollm2.tokenizer, smollm2.signature()
+    def load_base(name: str):  # a copy: building compresses the model in place
+        return copy.deepcopy(smollm2.model), smollm2.tokenizer, smollm2.signature()
 
     recipe = json.loads((RECIPE / default_model.RECIPE_FILE).read_text())
     start = time.perf_counter()
@@ -51,8 +53,6 @@ def test_rebuilt_from_its_recipe_it_stays_close_to_the_base(smollm2, tmp_path, m
     windows = text_windows(smollm2.tokenizer, text, window=256, max_tokens=1024)
     reference = reference_log_probs(smollm2.model, windows)
     with_recovery = compare_models(compressed.model, reference, windows)
-    from openafm.adapters import detach
-
     engine = engine_for(compressed)
     ids = engine.encode("What is the capital of France?")
     answer = engine.generate([ids], SamplingParams(max_tokens=12))[0].text
