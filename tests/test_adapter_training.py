@@ -17,7 +17,7 @@ from openafm.adapters import LoraAdapter, LoraConfig, load_adapter
 from openafm.adapters.sft_data import SftDataError, read_conversations, tokenize_conversation
 from openafm.adapters.trainer import TrainConfig, train_adapter
 from tests.conftest import byte_tokenizer, make_tiny
-from tests.test_cli import afm, assert_one_line_error, tiny_dir  # noqa: F401 (fixture)
+from tests.test_cli import afm, assert_one_line_error
 
 PAIRS = [("colour of the sky?", "blue"), ("two plus two?", "four"), ("capital of France?", "Paris")]
 
@@ -135,7 +135,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_killed_training_resumes_to_the_same_loss(tiny_dir, tmp_path):  # noqa: F811
+def test_killed_training_resumes_to_the_same_loss(tiny_dir, tmp_path):
     data = chat_file(tmp_path / "d.jsonl", repeat=20)
     steps = 200
     whole = afm(*_train_cmd(tiny_dir, data, tmp_path / "whole", steps))
@@ -173,7 +173,7 @@ def test_killed_training_resumes_to_the_same_loss(tiny_dir, tmp_path):  # noqa: 
         torch.testing.assert_close(b.pairs[path][1], b1, rtol=0, atol=1e-2)
 
 
-def test_adapter_commands_end_to_end(tiny_dir, tmp_path):  # noqa: F811
+def test_adapter_commands_end_to_end(tiny_dir, tmp_path):
     home = tmp_path / "home"
     data = chat_file(tmp_path / "d.jsonl")
     trained = afm(
