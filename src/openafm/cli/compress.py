@@ -173,6 +173,7 @@ def compress(
         calibration = calibration or DEFAULT_CALIBRATION
         with err_console.status("loading model…", spinner="dots"):
             pretrained = load_named(model)
+            base_signature = pretrained.signature()  # before compressing it in place
         plan = None
         reused: list[OperationCost] = []
         if costs is not None:
@@ -193,7 +194,7 @@ def compress(
         rows = allocation_report(result.bits, measured)
         made_with = {
             "base": str(model or "smollm2-135m-instruct"),
-            "base_signature": pretrained.signature(),
+            "base_signature": base_signature,
             "calibration": calibration.name,
             "calibration_sha256": sha256_file(calibration),
             "config": config.to_dict(),
