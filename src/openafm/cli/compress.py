@@ -6,7 +6,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -25,7 +25,7 @@ from openafm.cli.common import (
     training_progress,
     user_errors,
 )
-from openafm.compress.allocate import OperationCost, allocate_bits
+from openafm.compress.allocate import OperationCost, allocate_bits, allocation_report
 from openafm.compress.palettize import PalettizeConfig
 from openafm.compress.pipeline import DEFAULT_CALIBRATION, CompressConfig, compress_model
 from openafm.compress.recovery import RecoveryConfig, token_windows, train_recovery
@@ -63,26 +63,6 @@ def _stage_progress() -> tuple[Progress, Callable[[str, int, int], None]]:
         progress.update(tasks[stage], completed=done, total=total)
 
     return progress, report
-
-
-def allocation_report(bits: dict[str, int], costs: list[OperationCost]) -> list[dict]:
-    """Per projection: chosen bits, bytes, sensitivity there and share of one-token latency."""
-    chosen = {(c.name, c.bits): c for c in costs}
-    seconds = sum(chosen[n, b].seconds for n, b in bits.items() if (n, b) in chosen)
-    rows = []
-    for name, b in bits.items():
-        cost = chosen.get((name, b))
-        rows.append(
-            {
-                "name": name,
-                "bits": b,
-                "bytes": None if cost is None else cost.storage_bits // 8,
-                "bpw": None if cost is None else round(cost.bpw, 4),
-                "sensitivity": None if cost is None else cost.sensitivity,
-                "latency_share": None if cost is None or not seconds else cost.seconds / seconds,
-            }
-        )
-    return rows
 
 
 def _print_report(rows: list[dict], summary: dict) -> None:
@@ -309,7 +289,7 @@ def recover(
                 "windows": len(train),
                 "held_out_windows": len(held),
                 "recovery": asdict(recovery),
-                "settings": asdict(replace(config)),
+                "settings": asdict(config),
                 "final_kld": round(result.final_loss, 5),
                 "held_out_kld": None if result.eval_loss is None else round(result.eval_loss, 5),
                 "tokens": result.tokens,

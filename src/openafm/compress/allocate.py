@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,3 +144,23 @@ def allocate_bits(costs: Sequence[OperationCost], target_bpw: float) -> dict[str
         used -= by_name[name][choice[name]].storage_bits - by_name[name][narrower].storage_bits
         choice[name] = narrower
     return choice
+
+
+def allocation_report(bits: dict[str, int], costs: list[OperationCost]) -> list[dict[str, Any]]:
+    """Per projection: chosen bits, bytes, sensitivity there and share of one-token latency."""
+    chosen = {(c.name, c.bits): c for c in costs}
+    seconds = sum(chosen[n, b].seconds for n, b in bits.items() if (n, b) in chosen)
+    rows = []
+    for name, b in bits.items():
+        cost = chosen.get((name, b))
+        rows.append(
+            {
+                "name": name,
+                "bits": b,
+                "bytes": None if cost is None else cost.storage_bits // 8,
+                "bpw": None if cost is None else round(cost.bpw, 4),
+                "sensitivity": None if cost is None else cost.sensitivity,
+                "latency_share": None if cost is None or not seconds else cost.seconds / seconds,
+            }
+        )
+    return rows

@@ -64,8 +64,10 @@ def _dense_twin(model: Transformer) -> nn.Module:
     )
     source = dict(model.named_modules())
     for name, module in twin.named_modules():
-        if not isinstance(module, Linear):
-            continue
+        if not isinstance(module, Linear) or (
+            module is twin.output and model.config.tie_embeddings
+        ):
+            continue  # a tied head is the embedding, tied below
         original = source[name]
         assert isinstance(original, Linear)
         module.weight = nn.Parameter(original.dense_weight().float(), requires_grad=False)
@@ -96,10 +98,9 @@ def _dense_twin(model: Transformer) -> nn.Module:
         )
         embed.register_buffer(f"{_PREFIX}/weight/compression_type", torch.tensor([_QUANTIZATION]))
         twin.embed = embed
-        twin.tie_weights()
     else:
         twin.embed.weight = nn.Parameter(model.embed.weight.detach().float(), requires_grad=False)
-        twin.tie_weights()
+    twin.tie_weights()
     twin.rope.reset(torch.device("cpu"))
     return twin.eval().requires_grad_(False)
 

@@ -89,7 +89,7 @@ def bits_summary(model: Transformer) -> dict[str, float | int]:
             if isinstance(module.compressed, PalettizedWeight):
                 stored += module.compressed.storage_bits()
             else:
-                stored += module.dense_weight().numel() * module.dense_weight().element_size() * 8
+                stored += module.weight.numel() * module.weight.element_size() * 8
     palettized = sum(e.weights for e in tensor_entries(model).values())
     total_bits, total_weights = 0, palettized
     for name, tensor in _unique_tensors(model).items():
@@ -110,14 +110,7 @@ def _unique_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Every stored tensor once (the tied head's entries are the embedding's)."""
     state = model.state_dict()
     tied = model.config.tie_embeddings
-    return {
-        name: t
-        for name, t in state.items()
-        if not (tied and name.startswith("output."))
-        and name != "rope.cos"
-        and name != "rope.sin"
-        and t is not None
-    }
+    return {name: t for name, t in state.items() if not (tied and name.startswith("output."))}
 
 
 def save_compressed(

@@ -57,6 +57,11 @@ def unpack_indices(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return values.reshape(rows, nbytes // bits * 8)
 
 
+def _buffer_bits(module: nn.Module) -> int:
+    """Bits of every stored tensor of `module` (its buffers)."""
+    return sum(t.numel() * t.element_size() * 8 for t in module.buffers())
+
+
 class PalettizedWeight(nn.Module):
     """A weight `(out, in)` whose row `r` is `scale[r] · lut[r // group][indices[r]]`."""
 
@@ -104,7 +109,7 @@ class PalettizedWeight(nn.Module):
 
     def storage_bits(self) -> int:
         """Bits stored: indices, tables and scales."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.buffers())
+        return _buffer_bits(self)
 
 
 class Int8Rows(nn.Module):
@@ -155,7 +160,7 @@ class Int8Rows(nn.Module):
         return F.linear(x, self.dequantize(x.dtype))
 
     def storage_bits(self) -> int:
-        return sum(t.numel() * t.element_size() * 8 for t in self.buffers())
+        return _buffer_bits(self)
 
 
 @contextmanager
