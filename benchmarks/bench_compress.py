@@ -108,6 +108,7 @@ def main() -> None:
         "compress_seconds": meta["made_with"].get("seconds"),
         "recovery_seconds": recovery.get("seconds"),
         "recovery_tokens": recovery.get("tokens"),
+        "recovery_device": recovery.get("device", "cpu"),
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -64,6 +64,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--no-affine", action="store_true")
+    parser.add_argument(
+        "--no-plain", action="store_true", help="score models with a recovery adapter only with it"
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace rows of the same label in OUT.json, keep the rest",
+    )
     parser.add_argument("--out", type=Path, required=True, help="path prefix for .json/.md/.png")
     args = parser.parse_args()
 
@@ -78,9 +86,9 @@ def main() -> None:
         label, _, directory = spec.partition("=")
         compressed = load_pretrained(directory)
         summary = bits_summary(compressed.model)
-        variants = (
-            [("+ recovery", True), ("", False)] if compressed.default_adapter else [("", False)]
-        )
+        variants = [("", False)]
+        if compressed.default_adapter:
+            variants = [("+ recovery", True)] + ([] if args.no_plain else variants)
         for suffix, keep in variants:
             if not keep:
                 detach(compressed.model)
@@ -114,6 +122,11 @@ def main() -> None:
         texts = row["texts"].values()
         for key in ("ppl_ratio", "kld_mean", "kld_p99", "top1_agreement"):
             row[key] = sum(t[key] for t in texts) / len(row["texts"])
+    json_path = args.out.with_suffix(".json")
+    if args.update and json_path.is_file():
+        fresh = {row["label"]: row for row in results}
+        kept = json.loads(json_path.read_text())
+        results = [fresh.pop(row["label"], row) for row in kept] + list(fresh.values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, args, args.out.with_suffix(".md"))

@@ -129,6 +129,22 @@ def test_int8_rows_round_within_half_a_step():
     assert torch.allclose(rows.linear(x), x @ rows.dequantize().T, atol=1e-4)
 
 
+def test_int8_rows_at_an_odd_address_multiply_under_bf16_autocast():
+    """A weight memory-mapped from a file can start at any byte: the bf16 kernel must not see it."""
+    rows = Int8Rows.quantize(torch.randn(512, 64))
+    backing = torch.empty(rows.values.numel() + 64, dtype=torch.int8)
+    start = 40 - backing.data_ptr() % 64 + (64 if backing.data_ptr() % 64 > 40 else 0)
+    odd = backing[start : start + rows.values.numel()].view(512, 64)
+    odd.copy_(rows.values)
+    assert odd.data_ptr() % 64 == 40
+    rows.values = odd
+    x = torch.randn(300, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rows.linear(x)
+    expected = x @ rows.dequantize().T
+    assert torch.allclose(y.float(), expected, atol=0.05 * expected.abs().max().item())
+
+
 def _compressed_tiny(tmp_path: Path, bit_widths=(2, 4), target=3.5):
     model, tokenizer = make_tiny(), byte_tokenizer()
     config = CompressConfig(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from openafm.compress.pipeline import DEFAULT_CALIBRATION
 from tests.test_cli import afm
@@ -57,7 +58,10 @@ def test_quality_recover_generate_and_export(compressed_dir, tiny_dir, tmp_path)
         "--eval-every", "15",
     )  # fmt: skip
     assert recover.returncode == 0, recover.stderr.decode()
-    assert (compressed_dir / "recovery" / "adapter.json").exists()
+    record = json.loads((compressed_dir / "recovery" / "adapter.json").read_text())
+    assert record["role"] == "accuracy-recovery"
+    assert record["training"]["held_out_windows"] == 4
+    assert record["training"]["device"] == "cpu"  # --device auto, and no GPU in CI
     after = json.loads(afm(*quality, "--json").stdout)
     assert after["recovery_adapter"] is True
     assert after["kld_mean"] < report["kld_mean"]
@@ -109,6 +113,16 @@ def test_compress_refuses_bad_input_with_one_line(tiny_dir, tmp_path, args, mess
     assert run.returncode == 1
     err = run.stderr.decode()
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_recover_on_a_missing_gpu_fails_clearly(compressed_dir):
+    run = afm(
+        "recover", "--model", str(compressed_dir), "--data", str(DEFAULT_CALIBRATION),
+        "--device", "cuda",
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert "sees no GPU" in run.stderr.decode() and "Traceback" not in run.stderr.decode()
 
 
 def test_loading_a_damaged_compressed_directory_fails_clearly(compressed_dir, tmp_path):

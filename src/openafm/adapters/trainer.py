@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -119,7 +120,11 @@ def answer_loss(
     model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, *, bf16: bool
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the learned positions only (the head runs on those alone)."""
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(tokens.device.type, dtype=torch.bfloat16)
+        if bf16
+        else contextlib.nullcontext()
+    )
     with autocast:
         hidden = model.hidden_states(tokens)
         keep = labels != IGNORE
@@ -143,12 +148,18 @@ def evaluate(
 ) -> float:
     """Mean loss per learned token on `examples`."""
     total, count = 0.0, 0
+    device = model_device(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     for start in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[start : start + batch_size]]
-        loss, n = loss_fn(model, *collate(batch, pad_id))
+        loss, n = loss_fn(model, *(t.to(device) for t in collate(batch, pad_id)))
         total, count = total + float(loss), count + n
     return total / max(count, 1)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s weights live (a training batch goes there)."""
+    return next(itertools.chain(model.parameters(), model.buffers())).device
 
 
 def settings_key(config: TrainConfig, adapter: LoraAdapter, data_checksum: str) -> str:
@@ -187,15 +198,18 @@ def train_adapter(
 ) -> TrainResult:
     """Train `adapter` (in place) on `train`; resumes from `run_dir`'s checkpoint if it has one.
 
-    The objective is `loss_fn` (default: the SFT answer loss).
+    The objective is `loss_fn` (default: the SFT answer loss). Training runs where `model` lives
+    (CPU or GPU); the adapter's tensors are back on the CPU when it returns.
     """
     loss_fn = loss_fn or answer_loss_fn(bf16=config.bf16)
     if not train:
         raise ValueError("no training examples (all were empty or longer than --seq-len)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    device = model_device(model)
     params = adapter.parameters()
     for p in params:
+        p.data = p.data.to(device)
         p.requires_grad_(True)
     freeze_base(model, bf16=config.bf16)
     adapter.attach(model)
@@ -206,7 +220,7 @@ def train_adapter(
     step, last_loss, eval_loss = 0, float("nan"), None
     checkpoint_path = run_dir / CHECKPOINT
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=True)
+        state = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
         if state["settings_key"] != key:
             raise ResumeError(
                 f"{run_dir} holds a checkpoint of a run with other settings or data;"
@@ -238,7 +252,8 @@ def train_adapter(
             t0 = time.perf_counter()
             total = 0.0
             for batch in batches:
-                loss, _ = loss_fn(model, *collate(batch, pad_id))
+                tokens, labels = (t.to(device) for t in collate(batch, pad_id))
+                loss, _ = loss_fn(model, tokens, labels)
                 (loss / max(n_learned, 1)).backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -283,6 +298,7 @@ def train_adapter(
     model.eval()
     for p in params:
         p.requires_grad_(False)
+        p.data = p.data.cpu()
     return TrainResult(
         steps=step,
         final_loss=last_loss,

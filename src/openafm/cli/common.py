@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -106,6 +107,16 @@ def load_named(name_or_path: str | Path | None) -> Pretrained:
         with err_console.status(f"building {name} from its recipe (first use)…", spinner="dots"):
             name_or_path = ensure_built(name, load_base)
     return load_pretrained(name_or_path)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` means the first GPU if PyTorch sees one, else the CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: PyTorch sees no GPU here")
+    return device
 
 
 def training_progress(

@@ -15,20 +15,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from openafm.adapters import detach, save_adapter
+from openafm.adapters import save_adapter
 from openafm.adapters.trainer import TrainConfig
 from openafm.cli.common import (
     command_line,
     err_console,
     load_named,
     print_json,
+    resolve_device,
     training_progress,
     user_errors,
 )
 from openafm.compress.allocate import OperationCost, allocate_bits, allocation_report
 from openafm.compress.palettize import PalettizeConfig
 from openafm.compress.pipeline import DEFAULT_CALIBRATION, CompressConfig, compress_model
-from openafm.compress.recovery import RecoveryConfig, token_windows, train_recovery
+from openafm.compress.recovery import RecoveryConfig, run_recovery
 from openafm.files import sha256_file, write_json_atomic
 from openafm.io.compressed_checkpoint import (
     RECOVERY_DIR,
@@ -231,28 +232,26 @@ def recover(
         typer.Option(help="Checkpoints and metrics.jsonl [default: MODEL/.recovery-run]."),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Discard the run directory's checkpoint.")] = False,
+    device: Annotated[
+        str, typer.Option(help="Where to train: cpu, cuda, cuda:N, or auto (a GPU if present).")
+    ] = "auto",
 ) -> None:
     """Train the accuracy-recovery adapter: LoRA on the frozen compressed model, distilled from
     the uncompressed model (KL on logits). It is saved in MODEL/recovery and attached whenever
     the model is loaded. Rerunning the same command resumes from the last checkpoint."""
     with user_errors():
+        where = resolve_device(device)
         meta = read_compression_meta(model)
         teacher_name = teacher or meta.get("made_with", {}).get("base")
         with err_console.status("loading models…", spinner="dots"):
             student = load_named(model)
             reference = load_named(teacher_name)
-        detach(student.model)
         recovery = RecoveryConfig(
             rank=rank,
             alpha=alpha if alpha is not None else 2.0 * rank,
             seq_len=seq_len,
             next_token_weight=next_token_weight,
         )
-        windows, checksum = token_windows(student.tokenizer, data, seq_len)
-        if holdout >= len(windows):
-            raise ValueError(f"--holdout {holdout} leaves no training windows of {len(windows)}")
-        train = windows[: len(windows) - holdout]
-        held = windows[len(windows) - holdout :]
         config = TrainConfig(
             steps=steps,
             lr=lr,
@@ -264,39 +263,26 @@ def recover(
         if restart and run_dir.exists():
             shutil.rmtree(run_dir)
         progress, on_step = training_progress("recovery", loss_name="KL", eval_name="held-out KLD")
-
-        pad = student.tokenizer.eos_id or 0
+        provenance = {
+            "teacher": str(teacher_name),
+            "command": command_line(),
+        }
+        signature = student.signature()
         with progress:
-            adapter, result = train_recovery(
+            adapter, result = run_recovery(
                 student.model,
                 reference.model,
-                train,
+                student.tokenizer,
+                data,
                 run_dir,
                 recovery,
                 config,
-                pad_id=pad,
-                data_checksum=checksum,
-                eval_examples=held,
+                holdout=holdout,
+                provenance=provenance,
+                device=where,
                 on_step=on_step,
             )
-        adapter.metadata = {
-            "base_signature": student.signature(),
-            "role": "accuracy-recovery",
-            "training": {
-                "teacher": str(teacher_name),
-                "data": [p.name for p in data],
-                "data_checksum": checksum,
-                "windows": len(train),
-                "held_out_windows": len(held),
-                "recovery": asdict(recovery),
-                "settings": asdict(config),
-                "final_kld": round(result.final_loss, 5),
-                "held_out_kld": None if result.eval_loss is None else round(result.eval_loss, 5),
-                "tokens": result.tokens,
-                "seconds": round(result.seconds, 1),
-                "command": command_line(),
-            },
-        }
+        adapter.metadata["base_signature"] = signature
         save_adapter(adapter, model / RECOVERY_DIR)
         print(
             f"recovery adapter saved in {model / RECOVERY_DIR}: held-out KLD"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from openafm.adapters.lora import LoraAdapter, LoraConfig
+from openafm.adapters.lora import LoraAdapter, LoraConfig, detach
 from openafm.adapters.sft_data import IGNORE, Example
 from openafm.adapters.trainer import (
     LossFn,
@@ -59,7 +59,7 @@ def distillation_loss(
 
     def loss(student: Transformer, tokens: torch.Tensor, labels: torch.Tensor):
         keep = labels != IGNORE
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        autocast = torch.autocast(tokens.device.type, dtype=torch.bfloat16)
         with torch.no_grad(), autocast:
             target = F.log_softmax(teacher.output(teacher.hidden_states(tokens)[keep]).float(), -1)
         with autocast:
@@ -177,4 +177,62 @@ def train_recovery(
         on_step=on_step,
         loss_fn=loss_fn,
     )
+    return adapter, result
+
+
+def run_recovery(
+    student: Transformer,
+    teacher: Transformer,
+    tokenizer: Tokenizer,
+    data: Sequence[str | Path],
+    run_dir: str | Path,
+    recovery: RecoveryConfig,
+    config: TrainConfig,
+    *,
+    holdout: int,
+    provenance: dict[str, object],
+    device: str | torch.device = "cpu",
+    on_step: Callable[[StepReport], None] | None = None,
+) -> tuple[LoraAdapter, TrainResult]:
+    """Train the recovery adapter of `student` on the texts of `data`, on `device`.
+
+    The last `holdout` windows are held out for the KLD curve. Both models move to `device`.
+    The adapter comes back on the CPU with its training record (`provenance` added to it).
+    """
+    windows, checksum = token_windows(tokenizer, data, recovery.seq_len)
+    if holdout >= len(windows):
+        raise RecoveryDataError(f"holding out {holdout} windows leaves none of {len(windows)}")
+    train, held = windows[: len(windows) - holdout], windows[len(windows) - holdout :]
+    detach(student)
+    student.to(device)
+    teacher.to(device)
+    adapter, result = train_recovery(
+        student,
+        teacher,
+        train,
+        run_dir,
+        recovery,
+        config,
+        pad_id=tokenizer.eos_id or 0,
+        data_checksum=checksum,
+        eval_examples=held,
+        on_step=on_step,
+    )
+    adapter.metadata = {
+        "role": "accuracy-recovery",
+        "training": {
+            **provenance,
+            "data": [Path(p).name for p in data],
+            "data_checksum": checksum,
+            "windows": len(train),
+            "held_out_windows": len(held),
+            "recovery": asdict(recovery),
+            "settings": asdict(config),
+            "device": str(device),
+            "final_kld": round(result.final_loss, 5),
+            "held_out_kld": None if result.eval_loss is None else round(result.eval_loss, 5),
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 1),
+        },
+    }
     return adapter, result

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _WEIGHT_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_KERNEL_ALIGNMENT = 64  # bytes; PyTorch's CPU allocator aligns to this
 
 
 def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
@@ -44,17 +45,24 @@ def unpack_indices(packed: torch.Tensor, bits: int) -> torch.Tensor:
     rows, nbytes = packed.shape
     if bits == 8:
         return packed.to(torch.int64)
+    device = packed.device
     if bits in (1, 2, 4):
         per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+        shifts = torch.arange(per_byte, dtype=torch.uint8, device=device) * bits
         values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
         return values.reshape(rows, nbytes * per_byte).to(torch.int64)
     groups = packed.view(rows, nbytes // bits, bits).to(torch.int64)
-    words = (groups << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1)
-    values = (words.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * bits)) & (
+    words = (groups << (torch.arange(bits, dtype=torch.int64, device=device) * 8)).sum(-1)
+    values = (words.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64, device=device) * bits)) & (
         (1 << bits) - 1
     )
     return values.reshape(rows, nbytes // bits * 8)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a product with `x` runs in: autocast's on `x`'s device, else `x`'s own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _buffer_bits(module: nn.Module) -> int:
@@ -97,15 +105,15 @@ class PalettizedWeight(nn.Module):
         if self.dense_cache is not None and self.dense_cache.dtype == dtype:
             return self.dense_cache
         idx = unpack_indices(self.indices, self.bits)
-        offsets = torch.arange(self.out_features) // self.group_size * (1 << self.bits)
+        offsets = torch.arange(self.out_features, device=idx.device)
+        offsets = offsets // self.group_size * (1 << self.bits)
         w = torch.take(self.lut.to(dtype), idx + offsets.unsqueeze(1))
         if self.scale is not None:
             w = w * self.scale.to(dtype).unsqueeze(1)
         return w
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        return F.linear(x, self.dequantize(dtype))
+        return F.linear(x, self.dequantize(_compute_dtype(x)))
 
     def storage_bits(self) -> int:
         """Bits stored: indices, tables and scales."""
@@ -146,15 +154,17 @@ class Int8Rows(nn.Module):
         return self.values.to(dtype) * self.scale.to(dtype).unsqueeze(1)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
-            x = x.to(dtype)
+        x = x.to(_compute_dtype(x))
         if self.dense_cache is not None and self.dense_cache.dtype == x.dtype:
             return F.linear(x, self.dense_cache)
         if _WEIGHT_INT8_MM is not None and x.device.type == "cpu" and not x.requires_grad:
             flat = x.reshape(-1, x.shape[-1])
             if x.dtype not in (torch.bfloat16, torch.float32):
                 flat = flat.float()
+            if self.values.data_ptr() % _KERNEL_ALIGNMENT:
+                # memory-mapped from a file at an odd offset: the kernel's bf16 path would
+                # crash on it, so move the rows once into memory the allocator aligns
+                self.values = self.values.clone()
             y = _WEIGHT_INT8_MM(flat.contiguous(), self.values, self.scale.to(flat.dtype))
             return y.view(*x.shape[:-1], -1).to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype))
