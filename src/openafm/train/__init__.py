@@ -1,5 +1,20 @@
-"""Training: device mesh and parallelism plans (more to come: trainer, checkpoints, distillation)."""
+"""Training: the device mesh and parallelism plans (more to come: trainer, checkpoints, distillation)."""
 
-from openafm.train.parallel import apply_tensor_parallel, tensor_parallel_plan
+from openafm.train.mesh import MESH_DIMS, MeshError, MeshSpec, build_mesh
+from openafm.train.parallel import (
+    apply_fsdp,
+    apply_tensor_parallel,
+    data_parallel_mesh,
+    tensor_parallel_plan,
+)
 
-__all__ = ["apply_tensor_parallel", "tensor_parallel_plan"]
+__all__ = [
+    "MESH_DIMS",
+    "MeshError",
+    "MeshSpec",
+    "apply_fsdp",
+    "apply_tensor_parallel",
+    "build_mesh",
+    "data_parallel_mesh",
+    "tensor_parallel_plan",
+]

@@ -1,14 +1,17 @@
-"""Parallelism plans applied to an unchanged model: tensor parallelism with sequence-parallel norms.
+"""Parallelism plans applied to an unchanged model: tensor parallelism with sequence-parallel
+norms, and fully-sharded data parallelism (FSDP2, HSDP with a replicate dimension).
 
 The plan follows torchtitan's for llama: column-parallel Q/K/V and gate/up, row-parallel O and
 down, the residual stream sharded along the sequence between blocks (norms run
-`SequenceParallel`), the vocabulary sharded in the embedding and the output head. With tied
+`SequenceParallel`), the vocabulary sharded in the embedding and the output head; per-head
+q/k norms see their rank's heads as a shard of the head dimension. With tied
 embeddings both styles shard the one tensor on its vocabulary dimension, so the tie is kept.
 """
 
 from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -54,6 +57,10 @@ def tensor_parallel_plan(
         if sequence_parallel:
             plan[p + "attn_norm"] = SequenceParallel()
             plan[p + "mlp_norm"] = SequenceParallel()
+        if model.config.qk_norm:  # each rank norms its own heads: the weight's gradient sums them
+            heads = SequenceParallel(sequence_dim=1, use_local_output=True)
+            plan[p + "attn.q_norm"] = heads
+            plan[p + "attn.k_norm"] = heads
     return plan
 
 
@@ -69,4 +76,21 @@ def apply_tensor_parallel(
         model, mesh, tensor_parallel_plan(model, sequence_parallel=sequence_parallel)
     )
     model.tie_weights()
+    return model
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP shards over: `dp_shard`, or `(dp_replicate, dp_shard)` (HSDP) if replicated."""
+    if mesh["dp_replicate"].size() > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def apply_fsdp(model: Transformer, mesh: DeviceMesh) -> Transformer:
+    """Shard every block, then the rest (embedding, head, final norm), over the data-parallel
+    part of the named `mesh` (`openafm.train.mesh`); gradients are averaged across it."""
+    dp = data_parallel_mesh(mesh)
+    for layer in model.layers:
+        fully_shard(layer, mesh=dp)
+    fully_shard(model, mesh=dp)
     return model
