@@ -3,16 +3,13 @@ equal to the same step in one process (loss and gathered gradients)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from openafm.train import MeshError, MeshSpec
-from tests.test_tensor_parallel import _free_port
+from tests.distributed import run_processes
 
 
 def test_mesh_spec_fills_the_rest_and_names_its_dimensions():
@@ -49,40 +46,32 @@ def _step(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def _worker(rank: int, world: int, port: int, text: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.tensor import DTensor
+def _worker(rank: int, world: int, text: str, out: str) -> None:
+    from torch.distributed.tensor import DTensor
 
-        from openafm.train import apply_fsdp, apply_tensor_parallel, build_mesh, data_parallel_mesh
-        from tests.conftest import make_tiny
+    from openafm.train import apply_fsdp, apply_tensor_parallel, build_mesh, data_parallel_mesh
+    from tests.conftest import make_tiny
 
-        torch.manual_seed(0)
-        ids = torch.randint(0, 512, (4, 17))
-        model = make_tiny(seed=3)
-        mesh = build_mesh(MeshSpec.parse(text), world)
-        if mesh["tp"].size() > 1:
-            apply_tensor_parallel(model, mesh["tp"])
-        apply_fsdp(model, mesh)
-        dp = data_parallel_mesh(mesh)
-        dp_rank, dp_size = _flat_rank(dp), dp.size()
-        rows = ids.shape[0] // dp_size
-        loss = _step(model, ids[dp_rank * rows : (dp_rank + 1) * rows])
-        loss.backward()
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        placements = {n: p.placements for n, p in model.named_parameters()}
-        assert all(isinstance(p, DTensor) for p in model.parameters())
-        losses = [torch.zeros(()) for _ in range(world)]
-        dist.all_gather(
-            losses, loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
-        )
-        if rank == 0:
-            q = placements["layers.0.attn.q.weight"]
-            torch.save({"losses": losses, "grads": grads, "q": [repr(p) for p in q]}, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (4, 17))
+    model = make_tiny(seed=3)
+    mesh = build_mesh(MeshSpec.parse(text), world)
+    if mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    apply_fsdp(model, mesh)
+    dp = data_parallel_mesh(mesh)
+    dp_rank, dp_size = _flat_rank(dp), dp.size()
+    rows = ids.shape[0] // dp_size
+    loss = _step(model, ids[dp_rank * rows : (dp_rank + 1) * rows])
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    placements = {n: p.placements for n, p in model.named_parameters()}
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        q = placements["layers.0.attn.q.weight"]
+        torch.save({"losses": losses, "grads": grads, "q": [repr(p) for p in q]}, out)
 
 
 def _flat_rank(dp) -> int:
@@ -112,7 +101,7 @@ def test_one_step_equals_the_single_process_step(tmp_path, text):
     loss = _step(model, ids)
     loss.backward()
     out = str(tmp_path / "out.pt")
-    mp.spawn(_worker, args=(4, _free_port(), text, out), nprocs=4, join=True)
+    run_processes(4, _worker, text, out)
     result = torch.load(out)
     assert result["q"] == PLACEMENTS[text]
     assert torch.stack(result["losses"]).mean() == pytest.approx(loss.item(), rel=1e-5)
