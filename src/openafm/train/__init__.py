@@ -1,6 +1,8 @@
-"""Training: the device mesh and parallelism plans (more to come: trainer, checkpoints, distillation)."""
+"""Training: the device mesh, parallelism plans and the seed's optimizer (more to come: trainer,
+checkpoints, distillation)."""
 
 from openafm.train.mesh import MESH_DIMS, MeshError, MeshSpec, build_mesh
+from openafm.train.optim import RMSPropMomentum
 from openafm.train.parallel import (
     apply_fsdp,
     apply_tensor_parallel,
@@ -12,6 +14,7 @@ __all__ = [
     "MESH_DIMS",
     "MeshError",
     "MeshSpec",
+    "RMSPropMomentum",
     "apply_fsdp",
     "apply_tensor_parallel",
     "build_mesh",
