@@ -128,7 +128,7 @@ def main() -> None:
         kept = json.loads(json_path.read_text())
         results = [fresh.pop(row["label"], row) for row in kept] + list(fresh.values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, args, args.out.with_suffix(".md"))
     plot(results, args.out.with_suffix(".png"))
 

@@ -44,9 +44,9 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def train(args: argparse.Namespace, rank: int, steps: int, run_dir: Path, device: torch.device):
-    student = load_pretrained(ensure_built(PALETTIZED_DEFAULT, _load_base))
-    teacher = load_pretrained(student_base())
+def train(args, models, rank: int, steps: int, run_dir: Path, device: torch.device):
+    """A fresh recovery adapter of `rank` for `steps` steps (the models are reused across runs)."""
+    student, teacher, signature = models
     config = TrainConfig(
         steps=steps,
         lr=args.lr,
@@ -55,14 +55,13 @@ def train(args: argparse.Namespace, rank: int, steps: int, run_dir: Path, device
         warmup_steps=min(20, max(1, steps // 10)),
         checkpoint_every=max(10, steps // 5),
     )
-    signature = student.signature()
     adapter, result = run_recovery(
         student.model,
         teacher.model,
         student.tokenizer,
         [args.data / f for f in DATA_FILES],
         run_dir,
-        RecoveryConfig(rank=rank, alpha=2.0 * rank),
+        RecoveryConfig(rank=rank, alpha=2.0 * rank, seq_len=args.seq_len),
         config,
         holdout=16,
         provenance={"teacher": student_base(), "command": " ".join(sys.argv)},
@@ -106,9 +105,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     log(f"device {device}; building {PALETTIZED_DEFAULT} from its recipe")
-    ensure_built(PALETTIZED_DEFAULT, _load_base)
+    student = load_pretrained(ensure_built(PALETTIZED_DEFAULT, _load_base))
+    models = (student, load_pretrained(student_base()), student.signature())
     log("probe: 8 steps")
-    train(args, 16, 8, work / "probe", device)
+    train(args, models, 16, 8, work / "probe", device)
     rate = step_rate(work / "probe")
     tokens_per_step = args.batch_size * args.seq_len
     summary: dict[str, object] = {"device": str(device), "tokens_per_s": round(rate)}
@@ -120,7 +120,7 @@ def main() -> None:
     for rank, seconds, label in runs:
         steps = max(10, int(seconds * rate / tokens_per_step))
         log(f"{label}: rank {rank}, {steps} steps ({steps * tokens_per_step:,} tokens)")
-        adapter, result = train(args, rank, steps, work / label, device)
+        adapter, result = train(args, models, rank, steps, work / label, device)
         summary[label] = {
             "rank": rank,
             "steps": steps,

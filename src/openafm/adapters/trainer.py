@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -148,18 +147,13 @@ def evaluate(
 ) -> float:
     """Mean loss per learned token on `examples`."""
     total, count = 0.0, 0
-    device = model_device(model)
+    device = model.device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     for start in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[start : start + batch_size]]
         loss, n = loss_fn(model, *(t.to(device) for t in collate(batch, pad_id)))
         total, count = total + float(loss), count + n
     return total / max(count, 1)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where `model`'s weights live (a training batch goes there)."""
-    return next(itertools.chain(model.parameters(), model.buffers())).device
 
 
 def settings_key(config: TrainConfig, adapter: LoraAdapter, data_checksum: str) -> str:
@@ -206,7 +200,7 @@ def train_adapter(
         raise ValueError("no training examples (all were empty or longer than --seq-len)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = model_device(model)
+    device = model.device
     params = adapter.parameters()
     for p in params:
         p.data = p.data.to(device)

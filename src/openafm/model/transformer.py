@@ -118,6 +118,11 @@ class Transformer(nn.Module):
         """The dtype activations run in (that of the norms; weights may be compressed)."""
         return self.norm.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (that of the norms; a batch goes there)."""
+        return self.norm.weight.device
+
     def forward(
         self,
         tokens: torch.Tensor,

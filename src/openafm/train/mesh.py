@@ -7,6 +7,7 @@ dimension does. The mesh is PyTorch's `DeviceMesh`, so plans address its dimensi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -65,9 +66,7 @@ class MeshSpec:
     def resolve(self, world_size: int) -> dict[str, int]:
         """The size of every dimension for `world_size` processes (-1 filled in)."""
         sizes = dict(zip(MESH_DIMS, self.sizes(), strict=True))
-        fixed = 1
-        for n in sizes.values():
-            fixed *= n if n != -1 else 1
+        fixed = math.prod(n for n in sizes.values() if n != -1)
         rest = [name for name, n in sizes.items() if n == -1]
         if rest:
             if world_size % fixed:
