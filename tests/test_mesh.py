@@ -49,7 +49,14 @@ def _step(model, ids: torch.Tensor) -> torch.Tensor:
 def _worker(rank: int, world: int, text: str, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    from openafm.train import apply_fsdp, apply_tensor_parallel, build_mesh, data_parallel_mesh
+    from openafm.train import (
+        apply_context_parallel,
+        apply_fsdp,
+        apply_tensor_parallel,
+        build_mesh,
+        data_parallel_rank,
+        shard_sequence,
+    )
     from tests.conftest import make_tiny
 
     torch.manual_seed(0)
@@ -58,11 +65,14 @@ def _worker(rank: int, world: int, text: str, out: str) -> None:
     mesh = build_mesh(MeshSpec.parse(text), world)
     if mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"])
+    if mesh["cp"].size() > 1:
+        apply_context_parallel(model, mesh["cp"])
     apply_fsdp(model, mesh)
-    dp = data_parallel_mesh(mesh)
-    dp_rank, dp_size = _flat_rank(dp), dp.size()
-    rows = ids.shape[0] // dp_size
-    loss = _step(model, ids[dp_rank * rows : (dp_rank + 1) * rows])
+    dp_rank, dp_size = data_parallel_rank(mesh)
+    rows = ids[dp_rank * (4 // dp_size) : (dp_rank + 1) * (4 // dp_size)]
+    inputs, labels = (shard_sequence(t, mesh["cp"]) for t in (rows[:, :-1], rows[:, 1:]))
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     placements = {n: p.placements for n, p in model.named_parameters()}
@@ -74,20 +84,13 @@ def _worker(rank: int, world: int, text: str, out: str) -> None:
         torch.save({"losses": losses, "grads": grads, "q": [repr(p) for p in q]}, out)
 
 
-def _flat_rank(dp) -> int:
-    coordinate = dp.get_coordinate()
-    rank = 0
-    for index, size in zip(coordinate, dp.mesh.shape, strict=True):
-        rank = rank * size + index
-    return rank
-
-
 # a q projection's placements: FSDP shards rows over dp_shard (HSDP replicates across
 # dp_replicate); under TP its rows are first split over tp, and FSDP shards each rank's part
 PLACEMENTS = {
     "dp_shard=4": ["Shard(dim=0)"],
     "dp_replicate=2,dp_shard=2": ["Replicate()", "Shard(dim=0)"],
     "dp_shard=2,tp=2": ["_StridedShard(dim=0, sf=2)", "Shard(dim=0)"],
+    "dp_shard=2,cp=2": ["Shard(dim=0)"],  # FSDP shards over dp_shard x cp flattened
 }
 
 

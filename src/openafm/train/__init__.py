@@ -1,12 +1,13 @@
-"""Training: the device mesh, parallelism plans and the seed's optimizer (more to come: trainer,
-checkpoints, distillation)."""
+"""Training: the device mesh, parallelism plans, the seed's optimizer and distillation losses
+(more to come: trainer, checkpoints)."""
 
-from openafm.train.mesh import MESH_DIMS, MeshError, MeshSpec, build_mesh
+from openafm.train.context_parallel import apply_context_parallel, ring_attention, shard_sequence
+from openafm.train.mesh import MESH_DIMS, MeshError, MeshSpec, build_mesh, data_parallel_rank
 from openafm.train.optim import RMSPropMomentum
 from openafm.train.parallel import (
     apply_fsdp,
     apply_tensor_parallel,
-    data_parallel_mesh,
+    fsdp_mesh,
     tensor_parallel_plan,
 )
 
@@ -15,9 +16,13 @@ __all__ = [
     "MeshError",
     "MeshSpec",
     "RMSPropMomentum",
+    "apply_context_parallel",
     "apply_fsdp",
     "apply_tensor_parallel",
     "build_mesh",
-    "data_parallel_mesh",
+    "data_parallel_rank",
+    "fsdp_mesh",
+    "ring_attention",
+    "shard_sequence",
     "tensor_parallel_plan",
 ]

@@ -85,3 +85,11 @@ def build_mesh(spec: MeshSpec, world_size: int, device_type: str = "cpu") -> Dev
     return init_device_mesh(
         device_type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS
     )
+
+
+def data_parallel_rank(mesh: DeviceMesh) -> tuple[int, int]:
+    """`(rank, size)` of this process among the data-parallel replicas (`dp_replicate` x
+    `dp_shard`): the batch rows it reads. Ranks differing only in `cp` or `tp` read the same."""
+    replicate, shard = mesh["dp_replicate"], mesh["dp_shard"]
+    rank = replicate.get_local_rank() * shard.size() + shard.get_local_rank()
+    return rank, replicate.size() * shard.size()

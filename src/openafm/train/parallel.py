@@ -79,17 +79,22 @@ def apply_tensor_parallel(
     return model
 
 
-def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The mesh FSDP shards over: `dp_shard`, or `(dp_replicate, dp_shard)` (HSDP) if replicated."""
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP shards over: `dp_shard` (flattened with `cp`, whose ranks hold the same
+    weights and whose gradients must be averaged too), and `dp_replicate` before it (HSDP)."""
+    shard = "dp_shard"
+    if mesh["cp"].size() > 1:
+        shard = "dp_shard_cp"
+        mesh["dp_shard", "cp"]._flatten(shard)  # idempotent: the same layout is reused
     if mesh["dp_replicate"].size() > 1:
-        return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp_shard"]
+        return mesh["dp_replicate", shard]
+    return mesh[shard]
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh) -> Transformer:
-    """Shard every block, then the rest (embedding, head, final norm), over the data-parallel
-    part of the named `mesh` (`openafm.train.mesh`); gradients are averaged across it."""
-    dp = data_parallel_mesh(mesh)
+    """Shard every block, then the rest (embedding, head, final norm), over `fsdp_mesh(mesh)`
+    of the named `mesh` (`openafm.train.mesh`); gradients are averaged across it."""
+    dp = fsdp_mesh(mesh)
     for layer in model.layers:
         fully_shard(layer, mesh=dp)
     fully_shard(model, mesh=dp)
