@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from openafm import __version__
-from openafm.cli import adapter, data, eval, export, model
+from openafm.cli import adapter, data, eval, export, model, train
 from openafm.cli.common import setup_logging
 from openafm.cli.compress import compress, recover
 from openafm.cli.generate import generate
@@ -29,6 +29,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(eval.app, name="eval")
 app.add_typer(export.app, name="export")
+app.add_typer(train.app, name="train")
 
 
 def _version(value: bool) -> None:

@@ -11,14 +11,15 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
-from gguf.quants import dequantize, quantize
 
 from openafm.io.errors import CheckpointError
+
+if TYPE_CHECKING:  # `gguf` is imported where it is used: models in other formats do not need it
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from openafm.io.names import convert_name
 from openafm.model import ModelConfig
 
@@ -65,6 +66,8 @@ def open_gguf(path: str | Path) -> GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
+    from gguf import GGUFReader
+
     try:
         return GGUFReader(path)
     except Exception as exc:  # the gguf package raises ValueError, struct errors, IndexError, ...
@@ -112,6 +115,8 @@ def gguf_config(reader: GGUFReader, path: Path) -> ModelConfig:
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Dequantize every tensor of a llama-family GGUF file into our names and layout."""
+    from gguf.quants import dequantize
+
     path = Path(path)
     reader = open_gguf(path)
     config = gguf_config(reader, path)
@@ -139,10 +144,12 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoin
     return Checkpoint(config, tensors, path, "gguf", types)
 
 
-QuantChoice = Callable[[str, torch.Tensor], GGMLQuantizationType]
+QuantChoice = Callable[[str, torch.Tensor], "GGMLQuantizationType"]
 
 
 def _default_quant(name: str, tensor: torch.Tensor) -> GGMLQuantizationType:
+    from gguf import GGMLQuantizationType
+
     return GGMLQuantizationType.F32
 
 
@@ -161,6 +168,9 @@ def write_gguf(
     types the `gguf` package can quantize). `tokenizer` holds optional `tokens`, `merges`,
     `token_types`, `model`, `pre`, `bos_token_id`, `eos_token_id` and `chat_template`.
     """
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     writer = GGUFWriter(tmp, "llama")

@@ -85,6 +85,32 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=8192,
         qk_norm=True,
     ),
+    # The seed's architecture at pre-training-on-a-CPU scale: 18.9M parameters, 12.6M of them
+    # the (tied) embedding of SmolLM2's 49,152-token vocabulary.
+    "afm-tiny": ModelConfig(
+        vocab_size=49_152,
+        dim=256,
+        n_layers=8,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=768,
+        rope_theta=500_000.0,
+        max_seq_len=2048,
+        qk_norm=True,
+    ),
+    # About 1B parameters (0.95B; 0.85B without the embedding), for one-GPU training benchmarks.
+    "afm-1b": ModelConfig(
+        vocab_size=49_152,
+        dim=2048,
+        n_layers=18,
+        n_heads=16,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=5632,
+        rope_theta=500_000.0,
+        max_seq_len=4096,
+        qk_norm=True,
+    ),
     # Small enough for unit tests; shapes divide evenly for 2-way tensor parallelism.
     "tiny": ModelConfig(
         vocab_size=512,

@@ -1,0 +1,370 @@
+"""The pre-training loop: one step, written once, for one process or any mesh of processes.
+
+`train()` builds the model of a `TrainConfig`, applies the mesh's plans (tensor parallel,
+context parallel, activation checkpointing, FSDP), and runs optimizer steps of
+`batch_size * seq_len` tokens (gradient accumulation when a rank's share exceeds
+`micro_batch`), with evaluation on the held-out windows, checkpoints, metrics and, at the end,
+the weights exported in the Hugging Face layout into the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from openafm.files import write_json_atomic
+from openafm.io import write_hf
+from openafm.model import Transformer
+from openafm.tokenizer import Tokenizer
+from openafm.train.checkpoint import Checkpointer
+from openafm.train.config import TrainConfig
+from openafm.train.context_parallel import apply_context_parallel, shard_sequence
+from openafm.train.data import BatchOrder, DataError, held_out_batches, load_windows
+from openafm.train.distill import distillation_loss
+from openafm.train.mesh import MeshSpec, build_mesh, data_parallel_rank
+from openafm.train.metrics import MetricsLog, flops_per_token, machine_matmul_peak
+from openafm.train.optim import RMSPropMomentum
+from openafm.train.parallel import apply_fsdp, apply_tensor_parallel
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or resumed-and-finished) run reports."""
+
+    run_dir: Path
+    steps: int
+    resumed_from: int
+    final_loss: float
+    val_loss: float | None
+    tokens_per_s: float  # median over the steps run in this invocation
+    mfu: float
+    peak_flops: float
+    parameters: int
+    world_size: int
+    mesh: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup over `warmup_steps`, then cosine to `lr · min_lr_ratio` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or the seed's RMSProp with momentum; matrices decay, norms and vectors do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "rmsprop-momentum":
+        return RMSPropMomentum(groups, lr=config.lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=1e-8)
+
+
+def choose_device(name: str) -> torch.device:
+    """`auto` is this process's GPU when PyTorch sees one (`LOCAL_RANK` picks it), else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but PyTorch sees no GPU")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group (torchrun's environment), or make a one-process group.
+
+    Returns whether this call created it (and so should destroy it)."""
+    if dist.is_initialized():
+        return False
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if device.type == "cpu" and local > 1:  # processes on one machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+@dataclass
+class _Run:
+    """The parts of a run the step and evaluation share."""
+
+    config: TrainConfig
+    model: Transformer
+    teacher: Transformer | None
+    cp: Any  # the cp sub-mesh, or None
+    device: torch.device
+
+    def loss(self, ids: torch.Tensor, *, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective (with z-loss and distillation when training) and plain next-token CE."""
+        c = self.config
+        inputs, labels = ids[:, :-1], ids[:, 1:]
+        if self.cp is not None:
+            inputs, labels = shard_sequence(inputs, self.cp), shard_sequence(labels, self.cp)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=c.precision == "bf16"):
+            logits = self.model(inputs)
+            teacher_logits = None
+            if train and self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(inputs)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        if not train:
+            return ce, ce
+        objective = ce
+        if teacher_logits is not None:
+            objective = distillation_loss(
+                logits, teacher_logits, labels, mode=c.distill_mode, teacher_weight=c.teacher_weight
+            )
+        if c.z_loss:
+            objective = objective + c.z_loss * logits.logsumexp(dim=-1).pow(2).mean()
+        return objective, ce.detach()
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().to(torch.float64).cpu()
+    dist.all_reduce(value)
+    return float(value.item()) / dist.get_world_size()
+
+
+def train(
+    config: TrainConfig,
+    data: Sequence[str | Path],
+    out: str | Path,
+    *,
+    mesh: MeshSpec | None = None,
+    tokenizer: Tokenizer | None = None,
+    teacher: Transformer | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
+    """Run (or resume) pre-training; every process of the group calls this."""
+    dev = choose_device(device)
+    owns_group = init_distributed(dev)
+    try:
+        return _train(
+            config, data, Path(out), mesh or MeshSpec(), tokenizer, teacher, resume, dev, on_step
+        )
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: TrainConfig,
+    data: Sequence[str | Path],
+    out: Path,
+    spec: MeshSpec,
+    tokenizer: Tokenizer | None,
+    teacher: Transformer | None,
+    resume: bool,
+    device: torch.device,
+    on_step: Callable[[dict[str, Any]], None] | None,
+) -> RunSummary:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mc = config.model_config
+    # under bf16 autocast the norms see bf16 inputs and float32 weights; PyTorch says so per call
+    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+    mesh = build_mesh(spec, world, device.type)
+    sizes = {name: mesh[name].size() for name in mesh.mesh_dim_names or ()}
+    if config.seq_len > mc.max_seq_len:
+        raise ValueError(
+            f"seq_len {config.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}"
+        )
+    if config.seq_len % sizes["cp"]:
+        raise ValueError(f"seq_len {config.seq_len} is not divisible by cp={sizes['cp']}")
+    dp_rank, dp_size = data_parallel_rank(mesh)
+    if config.batch_size % dp_size:
+        raise DataError(
+            f"batch_size {config.batch_size} is not divisible by the {dp_size} data-parallel"
+            f" ranks of mesh {spec.text()}"
+        )
+    share = config.batch_size // dp_size
+    micro = config.micro_batch or share
+    if share % micro:
+        raise DataError(f"a rank's {share} sequences do not split into micro-batches of {micro}")
+    accumulation = share // micro
+    if sizes["cp"] > 1 and config.activation_checkpointing:
+        raise ValueError("activation checkpointing with context parallelism is not supported yet")
+
+    windows = load_windows(data, tokenizer, config.seq_len, mc.vocab_size, config.val_fraction)
+    order = BatchOrder(windows, config.batch_size, config.seed)
+    held_out = held_out_batches(windows, config.batch_size, config.eval_batches, dp_rank, dp_size)
+
+    if (out / CONFIG_FILE).exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run: pass --resume, or choose a new --out")
+    dist.barrier()  # every rank has looked before rank 0 writes
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / CONFIG_FILE, config.to_dict())
+
+    torch.manual_seed(config.seed)
+    model = Transformer(mc)
+    model.init_weights(seed=config.seed)
+    model.to(device)
+    cp = mesh["cp"] if sizes["cp"] > 1 else None
+    if sizes["tp"] > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if cp is not None:
+        apply_context_parallel(model, cp)
+    if config.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for layer in model.layers:
+            checkpoint(layer)
+    apply_fsdp(model, mesh)
+    optimizer = build_optimizer(model, config)
+    if teacher is not None:
+        if teacher.config.vocab_size != mc.vocab_size:
+            raise ValueError(
+                f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the"
+                f" student's ({mc.vocab_size}): they must share a tokenizer"
+            )
+        teacher.to(device).eval().requires_grad_(False)
+        if cp is not None:
+            apply_context_parallel(teacher, cp)
+    run = _Run(config, model, teacher, cp, device)
+
+    checkpointer = Checkpointer(out, config.keep_checkpoints, background=device.type == "cuda")
+    metrics = MetricsLog(out, enabled=rank == 0)
+    start = 0
+    if resume:
+        meta = checkpointer.load(model, optimizer, mc.to_dict())
+        if meta is not None:
+            start = int(meta["step"])
+            if meta.get("data") != windows.fingerprint():
+                log.warning(
+                    "the data differ from the checkpoint's (%s): the order will too",
+                    meta.get("data"),
+                )
+            log.info("resumed from step %d", start)
+        metrics.truncate_after(start)
+    elif rank == 0 and metrics.path.exists():
+        metrics.path.unlink()
+
+    peak = machine_matmul_peak(device)
+    per_token = flops_per_token(mc, config.seq_len)
+    tokens_per_step = config.batch_size * config.seq_len
+    meta = {"model_config": mc.to_dict(), "data": windows.fingerprint(), "mesh": sizes}
+    speeds: list[float] = []
+    loss_value, val_loss = float("nan"), None
+    for step in range(start, config.steps):
+        began = time.perf_counter()
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = order.rows(step, dp_rank, dp_size).to(device)
+        objective = torch.zeros((), device=device)
+        ce = torch.zeros((), device=device)
+        for m in range(accumulation):
+            if accumulation > 1:
+                model.set_requires_gradient_sync(m == accumulation - 1)  # type: ignore[operator]
+            loss, lm = run.loss(rows[m * micro : (m + 1) * micro])
+            (loss / accumulation).backward()
+            objective += loss.detach() / accumulation
+            ce += lm / accumulation
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value, ce_value = _mean_over_ranks(objective), _mean_over_ranks(ce)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+        speed = tokens_per_step / seconds
+        speeds.append(speed)
+        record: dict[str, Any] = {
+            "step": step + 1,
+            "loss": loss_value,
+            "lm_loss": ce_value,
+            "lr": lr,
+            "grad_norm": float(norm),
+            "tokens": (step + 1) * tokens_per_step,
+            "epoch": order.epoch(step + 1),
+            "step_time": seconds,
+            "tokens_per_s": speed,
+            "mfu": speed * per_token / peak,
+        }
+        last = step + 1 == config.steps
+        if held_out and ((step + 1) % config.eval_every == 0 or last):
+            val_loss = evaluate(run, held_out)
+            record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        metrics.write(record)
+        if on_step is not None and rank == 0:
+            on_step(record)
+        if (step + 1) % config.checkpoint_every == 0 or last:
+            checkpointer.save(step + 1, model, optimizer, meta)
+    checkpointer.wait()
+    if start < config.steps or not (out / "model.safetensors").exists():
+        export_weights(model, out, tokenizer)
+    median_speed = statistics.median(speeds) if speeds else 0.0
+    return RunSummary(
+        run_dir=out,
+        steps=config.steps,
+        resumed_from=start,
+        final_loss=loss_value,
+        val_loss=val_loss,
+        tokens_per_s=median_speed,
+        mfu=median_speed * per_token / peak,
+        peak_flops=peak,
+        parameters=mc.num_params(),
+        world_size=world,
+        mesh=sizes,
+    )
+
+
+@torch.no_grad()
+def evaluate(run: _Run, batches: Sequence[torch.Tensor]) -> float:
+    """Mean next-token loss over the held-out batches, over all ranks."""
+    total = torch.zeros((), device=run.device)
+    for batch in batches:
+        total += run.loss(batch.to(run.device), train=False)[0]
+    return _mean_over_ranks(total / len(batches))
+
+
+def export_weights(model: Transformer, out: Path, tokenizer: Tokenizer | None) -> None:
+    """The full weights, gathered from every shard, as `config.json` + `model.safetensors`
+    (and the tokenizer) in `out`: loadable by `afm generate --model RUN_DIR` and transformers."""
+    state = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if dist.get_rank() == 0:
+        write_hf(out, model.config, state, extra_config={"openafm_trained": True})
+        if tokenizer is not None:
+            tokenizer.save(out)
+    dist.barrier()

@@ -1,0 +1,217 @@
+"""The pre-training loop on the `tiny` preset: it learns, exports a loadable model, resumes
+from a checkpoint (after a kill, on another mesh, past a corrupt checkpoint) along the same
+loss trajectory, and refuses bad input with one clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openafm.files import sha256_file
+from openafm.train.config import PRESETS, TrainConfigError, load_train_config
+from openafm.train.data import DataError
+from openafm.train.metrics import read_metrics
+from openafm.train.trainer import train
+from tests.conftest import FIXTURES, byte_tokenizer
+
+TEXT = FIXTURES / "text" / "pride_and_prejudice_excerpt.txt"
+TINY = PRESETS["tiny"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    """A finished 20-step run, checkpointed every 10 steps."""
+    out = tmp_path_factory.mktemp("run")
+    summary = train(TINY.replace(steps=20), [TEXT], out, tokenizer=byte_tokenizer())
+    return out, summary.to_dict()
+
+
+def test_training_lowers_the_held_out_loss_and_logs_every_step(run):
+    out, summary = run
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    evals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(evals) == 2  # every 10 steps
+    assert evals[-1] < evals[0] < math.log(512)  # below a uniform guess, and still falling
+    first = records[0]
+    assert first["tokens"] == TINY.batch_size * TINY.seq_len
+    assert 0 < first["mfu"] < 1 and first["tokens_per_s"] > 0
+    assert summary["val_loss"] == pytest.approx(evals[-1])
+
+
+def test_the_exported_run_directory_loads_as_a_model_with_the_logged_loss(run):
+    from openafm.runtime import load_pretrained
+    from openafm.train.data import held_out_batches, load_windows
+
+    out, summary = run
+    pretrained = load_pretrained(out)
+    assert pretrained.model.config == TINY.model_config
+    assert pretrained.tokenizer.vocab_size == 512
+    windows = load_windows([TEXT], pretrained.tokenizer, TINY.seq_len, 512, TINY.val_fraction)
+    losses = []
+    for batch in held_out_batches(windows, TINY.batch_size, TINY.eval_batches):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            logits = pretrained.model(batch[:, :-1])
+        losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item())
+    assert sum(losses) / len(losses) == pytest.approx(summary["val_loss"], rel=2e-3)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_path, caplog):
+    import shutil
+
+    out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    latest = copy / "checkpoints" / "step-00000020"
+    data_file = next(p for p in latest.iterdir() if p.suffix == ".distcp")
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="openafm.train"):
+        summary = train(
+            TINY.replace(steps=20), [TEXT], copy, tokenizer=byte_tokenizer(), resume=True
+        )
+    assert "corrupt" in caplog.text and "step-00000020" in caplog.text
+    assert summary.resumed_from == 10
+    original, resumed = _losses(out), _losses(copy)
+    for step in range(11, 21):
+        assert resumed[step] == pytest.approx(original[step], rel=1e-5)
+
+
+def _cli(*args: str, nproc: int = 1) -> list[str]:
+    extra = ["--nproc", str(nproc)] if nproc > 1 else []
+    return [sys.executable, "-m", "openafm", "train", *args, *extra]
+
+
+def test_kill_and_resume_on_another_mesh_follows_the_same_trajectory(tmp_path, tiny_dir):
+    # float32, so that one process and two (whose sums run in another order) agree closely
+    config = tmp_path / "tiny-fp32.json"
+    config.write_text(json.dumps({"preset": "tiny", "precision": "fp32", "steps": 20}))
+    reference = tmp_path / "reference"
+    train(load_train_config(str(config)), [TEXT], reference, tokenizer=byte_tokenizer())
+    killed = tmp_path / "killed"
+    args = ["--config", str(config), "--data", str(TEXT), "--tokenizer", str(tiny_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        _cli(*args, "--out", str(killed), "--mesh", "dp_shard=2", nproc=2),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    first = killed / "checkpoints" / "step-00000010"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), proc.stderr.read().decode() if proc.stderr else ""
+    assert not (killed / "checkpoints" / "step-00000020").exists(), "the run ended before the kill"
+    resumed = subprocess.run(
+        _cli(*args, "--out", str(killed), "--resume", "--mesh", "tp=2", nproc=2),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    original, after = _losses(reference), _losses(killed)
+    assert sorted(after) == list(range(1, 21))
+    for step in range(1, 21):  # one process vs dp_shard=2, then tp=2 after the resume
+        assert after[step] == pytest.approx(original[step], rel=1e-5), step
+
+
+def test_bad_input_fails_with_one_clear_error(tmp_path, tiny_dir):
+    from openafm.train import MeshError, MeshSpec
+    from openafm.train.checkpoint import CheckpointMismatchError
+
+    tok = byte_tokenizer()
+    with pytest.raises(MeshError, match="needs a multiple of 2 processes, not 1"):
+        train(TINY, [TEXT], tmp_path / "a", mesh=MeshSpec.parse("tp=2"), tokenizer=tok)
+    with pytest.raises(DataError, match="do not split into micro-batches of 3"):
+        train(TINY.replace(micro_batch=3), [TEXT], tmp_path / "b", tokenizer=tok)
+    with pytest.raises(DataError, match="training data not found"):
+        train(TINY, [tmp_path / "missing.txt"], tmp_path / "c", tokenizer=tok)
+    wide = tmp_path / "wide"  # a shard folder tokenized for a larger vocabulary
+    wide.mkdir()
+    np.arange(2000, dtype=np.uint16).tofile(wide / "shard-00000.bin")
+    shard = {"file": "shard-00000.bin", "tokens": 2000, "documents": 1}
+    shard["sha256"] = sha256_file(wide / "shard-00000.bin")
+    manifest = {"format": "openafm-token-shards/1", "dtype": "uint16", "shards": [shard]}
+    (wide / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="token id 1999 is outside the model's vocabulary of 512"):
+        train(TINY, [wide], tmp_path / "d", tokenizer=tok)
+    with pytest.raises(TrainConfigError, match="unknown fields"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text('preset = "tiny"\nlearning_rate = 1.0\n')
+        load_train_config(str(bad))
+
+    shards = tmp_path / "shards"
+    from openafm.data.shards import write_shards
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text(json.dumps({"text": TEXT.read_text()}) + "\n")
+    write_shards(docs, shards, tok)
+    shard = next(shards.glob("*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-2] + b"\x00\x01")
+    with pytest.raises(DataError, match="checksum mismatch"):
+        train(TINY, [shards], tmp_path / "e", tokenizer=tok)
+
+    ok = tmp_path / "ok"
+    train(TINY.replace(steps=10), [TEXT], ok, tokenizer=tok)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(TINY.replace(steps=10), [TEXT], ok, tokenizer=tok)
+    meta = ok / "checkpoints" / "step-00000010" / "trainer.json"
+    record = json.loads(meta.read_text())
+    record["model_config"]["dim"] = 128
+    meta.write_text(json.dumps(record))
+    with pytest.raises(CheckpointMismatchError, match="written for another model"):
+        train(TINY.replace(steps=20), [TEXT], ok, tokenizer=tok, resume=True)
+
+    cli = subprocess.run(
+        _cli(
+            "--config",
+            "tiny",
+            "--data",
+            str(TEXT),
+            "--out",
+            str(tmp_path / "f"),
+            "--tokenizer",
+            str(tiny_dir),
+            "--mesh",
+            "dp_shard=3",
+        ),
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 1
+    assert (
+        "error: mesh dp_replicate=1,dp_shard=3,cp=1,tp=1 has 3 places for 1 processes" in cli.stderr
+    )
+    assert "Traceback" not in cli.stderr
+
+
+def test_plot_writes_a_png_of_the_curves(run, tmp_path):
+    from PIL import Image
+
+    from openafm.train.plot import plot_run
+
+    out, _ = run
+    png = plot_run(out, tmp_path / "curves.png")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (880, 770)
