@@ -77,6 +77,12 @@ def _worker(rank: int, world: int, text: str, out: str) -> None:
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     placements = {n: p.placements for n, p in model.named_parameters()}
     assert all(isinstance(p, DTensor) for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.step()
+    for p in model.parameters():  # the optimizer's state is sharded exactly like its parameter
+        for moment in ("exp_avg", "exp_avg_sq"):
+            state = optimizer.state[p][moment]
+            assert state.placements == p.placements and state.device_mesh == p.device_mesh
     losses = [torch.zeros(()) for _ in range(world)]
     dist.all_gather(losses, loss.detach())
     if rank == 0:

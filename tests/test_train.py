@@ -215,3 +215,66 @@ def test_plot_writes_a_png_of_the_curves(run, tmp_path):
     png = plot_run(out, tmp_path / "curves.png")
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (880, 770)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"micro_batch": 2},  # four accumulated micro-batches per step
+        {"activation_checkpointing": True},
+    ],
+    ids=["accumulation", "activation-checkpointing"],
+)
+def test_accumulation_and_checkpointing_leave_the_trajectory_unchanged(tmp_path, variant):
+    base = TINY.replace(steps=4, precision="fp32", eval_every=100)
+    tok = byte_tokenizer()
+    train(base, [TEXT], tmp_path / "base", tokenizer=tok, save=False)
+    train(base.replace(**variant), [TEXT], tmp_path / "variant", tokenizer=tok, save=False)
+    base_losses, variant_losses = _losses(tmp_path / "base"), _losses(tmp_path / "variant")
+    for step in range(1, 5):
+        assert variant_losses[step] == pytest.approx(base_losses[step], rel=1e-5)
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_with_a_small_configuration():
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_train.sh"), "--config", "tiny", "--steps", "3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["steps"] == 3 and result["device"] == "cpu"
+    assert 0 < result["mfu_median"] < 1
+    assert result["tokens_per_step"] == TINY.batch_size * TINY.seq_len
+
+
+def test_a_background_checkpoint_holds_the_state_of_its_step(tmp_path):
+    """`async_save` (used on GPUs) stages the state before training goes on changing it."""
+    import torch.distributed as dist
+
+    from openafm.train import MeshSpec, apply_fsdp, build_mesh
+    from openafm.train.checkpoint import Checkpointer
+    from openafm.train.trainer import build_optimizer
+    from tests.conftest import make_tiny
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = build_mesh(MeshSpec(), 1)
+        model = apply_fsdp(make_tiny(seed=1), mesh)
+        optimizer = build_optimizer(model, TINY)
+        saved = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        checkpointer = Checkpointer(tmp_path, keep=2, background=True)
+        checkpointer.save(1, model, optimizer, {"model_config": TINY.model_config.to_dict()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # training goes on while the checkpoint is written
+        checkpointer.wait()
+        fresh = apply_fsdp(make_tiny(seed=2), mesh)
+        meta = checkpointer.load(fresh, build_optimizer(fresh, TINY), TINY.model_config.to_dict())
+        assert meta is not None and meta["step"] == 1
+        for name, p in fresh.named_parameters():
+            torch.testing.assert_close(p.full_tensor(), saved[name])
+    finally:
+        dist.destroy_process_group()

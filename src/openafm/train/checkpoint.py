@@ -59,6 +59,8 @@ class Checkpointer:
         self.keep = keep
         self.background = background
         self.rank = dist.get_rank()
+        # a background save talks over its own gloo group, never the training's GPU collectives
+        self._group = dist.new_group(backend="gloo") if background else None
         self._pending: tuple[Future, Path, int, dict[str, Any]] | None = None
 
     def _path(self, step: int) -> Path:
@@ -77,7 +79,7 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         if self.background:
-            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
             self._pending = (future, tmp, step, meta)  # type: ignore[assignment]
         else:
             dcp.save(state, checkpoint_id=str(tmp))

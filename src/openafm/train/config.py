@@ -119,7 +119,6 @@ PRESETS: dict[str, TrainConfig] = {
         warmup_steps=10,
         eval_every=1000,
         checkpoint_every=1000,
-        activation_checkpointing=True,
     ),
 }
 

@@ -171,13 +171,25 @@ def train(
     resume: bool = False,
     device: str = "auto",
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    save: bool = True,
 ) -> RunSummary:
-    """Run (or resume) pre-training; every process of the group calls this."""
+    """Run (or resume) pre-training; every process of the group calls this.
+
+    `save=False` (benchmarks) writes neither checkpoints nor the final weights."""
     dev = choose_device(device)
     owns_group = init_distributed(dev)
     try:
         return _train(
-            config, data, Path(out), mesh or MeshSpec(), tokenizer, teacher, resume, dev, on_step
+            config,
+            data,
+            Path(out),
+            mesh or MeshSpec(),
+            tokenizer,
+            teacher,
+            resume,
+            dev,
+            on_step,
+            save,
         )
     finally:
         if owns_group:
@@ -194,6 +206,7 @@ def _train(
     resume: bool,
     device: torch.device,
     on_step: Callable[[dict[str, Any]], None] | None,
+    save: bool,
 ) -> RunSummary:
     world, rank = dist.get_world_size(), dist.get_rank()
     mc = config.model_config
@@ -327,10 +340,10 @@ def _train(
         metrics.write(record)
         if on_step is not None and rank == 0:
             on_step(record)
-        if (step + 1) % config.checkpoint_every == 0 or last:
+        if save and ((step + 1) % config.checkpoint_every == 0 or last):
             checkpointer.save(step + 1, model, optimizer, meta)
     checkpointer.wait()
-    if start < config.steps or not (out / "model.safetensors").exists():
+    if save and (start < config.steps or not (out / "model.safetensors").exists()):
         export_weights(model, out, tokenizer)
     median_speed = statistics.median(speeds) if speeds else 0.0
     return RunSummary(
