@@ -206,15 +206,17 @@ def test_bad_input_fails_with_one_clear_error(tmp_path, tiny_dir):
     assert "Traceback" not in cli.stderr
 
 
-def test_plot_writes_a_png_of_the_curves(run, tmp_path):
+def test_plot_writes_a_png_of_one_run_or_several(run, tmp_path):
     from PIL import Image
 
-    from openafm.train.plot import plot_run
+    from openafm.train.plot import plot_runs
 
     out, _ = run
-    png = plot_run(out, tmp_path / "curves.png")
-    with Image.open(png) as image:
-        assert image.format == "PNG" and image.size == (880, 770)
+    for runs, png in (([out], tmp_path / "one.png"), ([out, out], tmp_path / "two.png")):
+        with Image.open(plot_runs(runs, png)) as image:
+            assert image.format == "PNG" and image.size == (880, 770)
+    with pytest.raises(ValueError, match="needs --out"):
+        plot_runs([out, out])
 
 
 @pytest.mark.parametrize(

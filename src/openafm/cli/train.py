@@ -234,11 +234,13 @@ def distill(
 
 @app.command()
 def plot(
-    run_dir: Annotated[Path, typer.Argument(help="A training run directory.")],
-    out: Annotated[Path | None, typer.Option(help="PNG path (default RUN_DIR/curves.png).")] = None,
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more training run directories.")],
+    out: Annotated[
+        Path | None, typer.Option(help="PNG path (one run: RUN_DIR/curves.png by default).")
+    ] = None,
 ) -> None:
-    """Draw a run's loss and throughput curves to a PNG."""
-    from openafm.train.plot import plot_run
+    """Draw a run's loss and throughput curves to a PNG, or several runs' side by side."""
+    from openafm.train.plot import plot_runs
 
     with user_errors():
-        print(plot_run(run_dir, out))
+        print(plot_runs(run_dirs, out))

@@ -1,47 +1,71 @@
-"""`afm train plot`: loss and throughput curves of a run, as a PNG."""
+"""`afm train plot`: loss and throughput curves of one run, or of several runs side by side."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from openafm.train.metrics import read_metrics
 
 
-def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
-    """Draw training/held-out loss and tokens/s against the step; returns the PNG's path."""
+def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None) -> Path:
+    """Draw training and held-out loss, tokens/s and MFU against tokens seen; returns the PNG.
+
+    With one run the PNG goes to `RUN_DIR/curves.png` by default; with several, `out` is needed
+    and each run is one colour (held-out loss as markers, training loss as a thin line).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    if not records:
-        raise ValueError(f"{run_dir}: the metrics file has no steps yet")
-    out = Path(out) if out is not None else Path(run_dir) / "curves.png"
-    steps = [r["step"] for r in records]
-    evals = [r for r in records if "val_loss" in r]
+    if not run_dirs:
+        raise ValueError("name at least one run directory")
+    if out is None and len(run_dirs) > 1:
+        raise ValueError("comparing several runs needs --out FILE.png")
+    runs = {Path(d).name: read_metrics(d) for d in run_dirs}
+    for name, records in runs.items():
+        if not records:
+            raise ValueError(f"{name}: the metrics file has no steps yet")
+    out = Path(out) if out is not None else Path(run_dirs[0]) / "curves.png"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    top.plot(steps, [r["loss"] for r in records], lw=0.8, label="training objective")
-    if any("lm_loss" in r and r["lm_loss"] != r["loss"] for r in records):
-        top.plot(steps, [r["lm_loss"] for r in records], lw=0.8, label="training next-token loss")
-    if evals:
-        top.plot(
-            [r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out loss"
-        )
-    top.set_ylabel("loss (nats/token)")
-    top.set_title(f"{Path(run_dir).name}: {records[-1]['tokens']:,} tokens")
-    top.legend()
-    top.grid(alpha=0.3)
-    bottom.plot(steps, [r["tokens_per_s"] for r in records], lw=0.8, color="tab:green")
-    bottom.set_ylabel("tokens/s")
-    bottom.set_xlabel("step")
-    bottom.grid(alpha=0.3)
     mfu = bottom.twinx()
-    mfu.plot(steps, [100 * r["mfu"] for r in records], lw=0.5, color="tab:gray", alpha=0.6)
-    mfu.set_ylabel("MFU (%)")
+    for i, (name, records) in enumerate(runs.items()):
+        colour = f"C{i}"
+        prefix = f"{name}: " if len(runs) > 1 else ""
+        tokens = [r["tokens"] for r in records]
+        top.plot(tokens, [r["lm_loss"] for r in records], lw=0.6, color=colour, alpha=0.6,
+                 label=f"{prefix}training next-token loss")  # fmt: skip
+        if len(runs) == 1 and _distilled(Path(run_dirs[0])):
+            top.plot(
+                tokens, [r["loss"] for r in records], lw=0.6, color="C1", label="distillation loss"
+            )
+        evals = [r for r in records if "val_loss" in r]
+        if evals:
+            top.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-",
+                     color=colour if len(runs) > 1 else "C2", label=f"{prefix}held-out loss")  # fmt: skip
+        bottom.plot(tokens, [r["tokens_per_s"] for r in records], lw=0.8, color=colour,
+                    label=name if len(runs) > 1 else None)  # fmt: skip
+        mfu.plot(tokens, [100 * r["mfu"] for r in records], lw=0.4, color=colour, alpha=0.4)
+    top.set_ylabel("loss (nats/token)")
+    top.set_title(", ".join(f"{n} ({r[-1]['tokens']:,} tokens)" for n, r in runs.items()))
+    top.legend(fontsize="small")
+    top.grid(alpha=0.3)
+    bottom.set_ylabel("tokens/s")
+    bottom.set_xlabel("tokens seen")
+    bottom.grid(alpha=0.3)
+    if len(runs) > 1:
+        bottom.legend(fontsize="small")
+    mfu.set_ylabel("MFU (%, faint)")
     fig.tight_layout()
     tmp = out.with_name(out.name + ".partial.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def _distilled(run_dir: Path) -> bool:
+    config = run_dir / "train_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("teacher"))

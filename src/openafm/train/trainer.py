@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from openafm.files import write_json_atomic
@@ -35,7 +36,7 @@ from openafm.train.config import TrainConfig
 from openafm.train.context_parallel import apply_context_parallel, shard_sequence
 from openafm.train.data import BatchOrder, DataError, held_out_batches, load_windows
 from openafm.train.distill import distillation_loss
-from openafm.train.mesh import MeshSpec, build_mesh, data_parallel_rank
+from openafm.train.mesh import MESH_DIMS, MeshSpec, build_mesh, data_parallel_rank
 from openafm.train.metrics import MetricsLog, flops_per_token, machine_matmul_peak
 from openafm.train.optim import RMSPropMomentum
 from openafm.train.parallel import apply_fsdp, apply_tensor_parallel
@@ -129,8 +130,10 @@ class _Run:
     cp: Any  # the cp sub-mesh, or None
     device: torch.device
 
-    def loss(self, ids: torch.Tensor, *, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The objective (with z-loss and distillation when training) and plain next-token CE."""
+    def losses(self, ids: torch.Tensor, *, train: bool = True) -> dict[str, torch.Tensor]:
+        """`objective` (what the step minimises: the loss, plus z-loss when training), `loss`
+        (next-token cross-entropy, or the distillation loss when a teacher is set) and `lm_loss`
+        (next-token cross-entropy) of the windows `ids`."""
         c = self.config
         inputs, labels = ids[:, :-1], ids[:, 1:]
         if self.cp is not None:
@@ -142,16 +145,108 @@ class _Run:
                 with torch.no_grad():
                     teacher_logits = self.teacher(inputs)
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        if not train:
-            return ce, ce
-        objective = ce
+        loss = ce
         if teacher_logits is not None:
-            objective = distillation_loss(
+            loss = distillation_loss(
                 logits, teacher_logits, labels, mode=c.distill_mode, teacher_weight=c.teacher_weight
             )
-        if c.z_loss:
-            objective = objective + c.z_loss * logits.logsumexp(dim=-1).pow(2).mean()
-        return objective, ce.detach()
+        objective = loss
+        if train and c.z_loss:
+            objective = loss + c.z_loss * logits.logsumexp(dim=-1).pow(2).mean()
+        return {"objective": objective, "loss": loss.detach(), "lm_loss": ce.detach()}
+
+    def step(
+        self, rows: torch.Tensor, layout: BatchLayout, optimizer: torch.optim.Optimizer
+    ) -> dict[str, float]:
+        """One optimizer step on this rank's `rows` (accumulated over micro-batches); the
+        losses averaged over every rank, and the global gradient norm before clipping."""
+        totals = {"loss": torch.zeros((), device=self.device)}
+        totals["lm_loss"] = torch.zeros((), device=self.device)
+        n = layout.accumulation
+        for m in range(n):
+            if n > 1:  # FSDP reduces gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(m == n - 1)  # type: ignore[operator]
+            losses = self.losses(rows[m * layout.micro : (m + 1) * layout.micro])
+            (losses["objective"] / n).backward()
+            for name in totals:
+                totals[name] += losses[name] / n
+        limit = self.config.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {name: _mean_over_ranks(t) for name, t in totals.items()} | {
+            "grad_norm": float(norm)
+        }
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a step's global batch splits: this rank's data-parallel position, its micro-batches."""
+
+    dp_rank: int
+    dp_size: int
+    micro: int
+    accumulation: int
+
+    @classmethod
+    def of(cls, config: TrainConfig, mesh: DeviceMesh, spec: MeshSpec) -> BatchLayout:
+        dp_rank, dp_size = data_parallel_rank(mesh)
+        if config.batch_size % dp_size:
+            raise DataError(
+                f"batch_size {config.batch_size} is not divisible by the {dp_size} data-parallel"
+                f" ranks of mesh {spec.text()}"
+            )
+        share = config.batch_size // dp_size
+        micro = config.micro_batch or share
+        if share % micro:
+            raise DataError(
+                f"a rank's {share} sequences do not split into micro-batches of {micro}"
+            )
+        return cls(dp_rank, dp_size, micro, share // micro)
+
+
+def build_model(config: TrainConfig, mesh: DeviceMesh, device: torch.device) -> Transformer:
+    """The freshly initialised model with the mesh's plans applied (TP, CP, checkpointing, FSDP)."""
+    mc, sizes = config.model_config, dict(zip(MESH_DIMS, mesh.shape, strict=True))
+    if config.seq_len > mc.max_seq_len:
+        raise ValueError(
+            f"seq_len {config.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}"
+        )
+    if config.seq_len % sizes["cp"]:
+        raise ValueError(f"seq_len {config.seq_len} is not divisible by cp={sizes['cp']}")
+    if sizes["cp"] > 1 and config.activation_checkpointing:
+        raise ValueError("activation checkpointing with context parallelism is not supported yet")
+    torch.manual_seed(config.seed)
+    model = Transformer(mc)
+    model.init_weights(seed=config.seed)
+    model.to(device)
+    if sizes["tp"] > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if sizes["cp"] > 1:
+        apply_context_parallel(model, mesh["cp"])
+    if config.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for layer in model.layers:
+            checkpoint(layer)
+    return apply_fsdp(model, mesh)
+
+
+def _prepare_teacher(
+    teacher: Transformer, config: TrainConfig, mesh: DeviceMesh, device: torch.device
+) -> Transformer:
+    """The teacher on the device, frozen, attending across the `cp` ranks like the student."""
+    if teacher.config.vocab_size != config.model_config.vocab_size:
+        raise ValueError(
+            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the"
+            f" student's ({config.model_config.vocab_size}): they must share a tokenizer"
+        )
+    teacher.to(device).eval().requires_grad_(False)
+    if mesh["cp"].size() > 1:
+        apply_context_parallel(teacher, mesh["cp"])
+    return teacher
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
@@ -208,130 +303,58 @@ def _train(
     on_step: Callable[[dict[str, Any]], None] | None,
     save: bool,
 ) -> RunSummary:
-    world, rank = dist.get_world_size(), dist.get_rank()
-    mc = config.model_config
     # under bf16 autocast the norms see bf16 inputs and float32 weights; PyTorch says so per call
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+    world, rank, mc = dist.get_world_size(), dist.get_rank(), config.model_config
     mesh = build_mesh(spec, world, device.type)
-    sizes = {name: mesh[name].size() for name in mesh.mesh_dim_names or ()}
-    if config.seq_len > mc.max_seq_len:
-        raise ValueError(
-            f"seq_len {config.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}"
-        )
-    if config.seq_len % sizes["cp"]:
-        raise ValueError(f"seq_len {config.seq_len} is not divisible by cp={sizes['cp']}")
-    dp_rank, dp_size = data_parallel_rank(mesh)
-    if config.batch_size % dp_size:
-        raise DataError(
-            f"batch_size {config.batch_size} is not divisible by the {dp_size} data-parallel"
-            f" ranks of mesh {spec.text()}"
-        )
-    share = config.batch_size // dp_size
-    micro = config.micro_batch or share
-    if share % micro:
-        raise DataError(f"a rank's {share} sequences do not split into micro-batches of {micro}")
-    accumulation = share // micro
-    if sizes["cp"] > 1 and config.activation_checkpointing:
-        raise ValueError("activation checkpointing with context parallelism is not supported yet")
-
+    sizes = dict(zip(MESH_DIMS, mesh.shape, strict=True))
+    layout = BatchLayout.of(config, mesh, spec)
     windows = load_windows(data, tokenizer, config.seq_len, mc.vocab_size, config.val_fraction)
     order = BatchOrder(windows, config.batch_size, config.seed)
-    held_out = held_out_batches(windows, config.batch_size, config.eval_batches, dp_rank, dp_size)
-
+    held_out = held_out_batches(
+        windows, config.batch_size, config.eval_batches, layout.dp_rank, layout.dp_size
+    )
     if (out / CONFIG_FILE).exists() and not resume:
         raise FileExistsError(f"{out} already holds a run: pass --resume, or choose a new --out")
+    model = build_model(config, mesh, device)
+    if teacher is not None:
+        teacher = _prepare_teacher(teacher, config, mesh, device)
     dist.barrier()  # every rank has looked before rank 0 writes
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / CONFIG_FILE, config.to_dict())
 
-    torch.manual_seed(config.seed)
-    model = Transformer(mc)
-    model.init_weights(seed=config.seed)
-    model.to(device)
-    cp = mesh["cp"] if sizes["cp"] > 1 else None
-    if sizes["tp"] > 1:
-        apply_tensor_parallel(model, mesh["tp"])
-    if cp is not None:
-        apply_context_parallel(model, cp)
-    if config.activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
-        for layer in model.layers:
-            checkpoint(layer)
-    apply_fsdp(model, mesh)
     optimizer = build_optimizer(model, config)
-    if teacher is not None:
-        if teacher.config.vocab_size != mc.vocab_size:
-            raise ValueError(
-                f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the"
-                f" student's ({mc.vocab_size}): they must share a tokenizer"
-            )
-        teacher.to(device).eval().requires_grad_(False)
-        if cp is not None:
-            apply_context_parallel(teacher, cp)
-    run = _Run(config, model, teacher, cp, device)
-
+    run = _Run(config, model, teacher, mesh["cp"] if sizes["cp"] > 1 else None, device)
     checkpointer = Checkpointer(out, config.keep_checkpoints, background=device.type == "cuda")
     metrics = MetricsLog(out, enabled=rank == 0)
-    start = 0
-    if resume:
-        meta = checkpointer.load(model, optimizer, mc.to_dict())
-        if meta is not None:
-            start = int(meta["step"])
-            if meta.get("data") != windows.fingerprint():
-                log.warning(
-                    "the data differ from the checkpoint's (%s): the order will too",
-                    meta.get("data"),
-                )
-            log.info("resumed from step %d", start)
-        metrics.truncate_after(start)
-    elif rank == 0 and metrics.path.exists():
-        metrics.path.unlink()
+    start = _restore(checkpointer, model, optimizer, windows.fingerprint()) if resume else 0
+    metrics.truncate_after(start)
 
     peak = machine_matmul_peak(device)
     per_token = flops_per_token(mc, config.seq_len)
     tokens_per_step = config.batch_size * config.seq_len
     meta = {"model_config": mc.to_dict(), "data": windows.fingerprint(), "mesh": sizes}
     speeds: list[float] = []
-    loss_value, val_loss = float("nan"), None
+    record: dict[str, Any] = {}
     for step in range(start, config.steps):
         began = time.perf_counter()
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = order.rows(step, dp_rank, dp_size).to(device)
-        objective = torch.zeros((), device=device)
-        ce = torch.zeros((), device=device)
-        for m in range(accumulation):
-            if accumulation > 1:
-                model.set_requires_gradient_sync(m == accumulation - 1)  # type: ignore[operator]
-            loss, lm = run.loss(rows[m * micro : (m + 1) * micro])
-            (loss / accumulation).backward()
-            objective += loss.detach() / accumulation
-            ce += lm / accumulation
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value, ce_value = _mean_over_ranks(objective), _mean_over_ranks(ce)
+        rows = order.rows(step, layout.dp_rank, layout.dp_size).to(device)
+        losses = run.step(rows, layout, optimizer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
-        speed = tokens_per_step / seconds
-        speeds.append(speed)
-        record: dict[str, Any] = {
-            "step": step + 1,
-            "loss": loss_value,
-            "lm_loss": ce_value,
-            "lr": lr,
-            "grad_norm": float(norm),
+        speeds.append(tokens_per_step / seconds)
+        record = {"step": step + 1, **losses, "lr": lr}
+        record |= {
             "tokens": (step + 1) * tokens_per_step,
             "epoch": order.epoch(step + 1),
             "step_time": seconds,
-            "tokens_per_s": speed,
-            "mfu": speed * per_token / peak,
+            "tokens_per_s": speeds[-1],
+            "mfu": speeds[-1] * per_token / peak,
         }
         last = step + 1 == config.steps
         if held_out and ((step + 1) % config.eval_every == 0 or last):
@@ -350,8 +373,8 @@ def _train(
         run_dir=out,
         steps=config.steps,
         resumed_from=start,
-        final_loss=loss_value,
-        val_loss=val_loss,
+        final_loss=record.get("loss", math.nan),
+        val_loss=record.get("val_loss"),
         tokens_per_s=median_speed,
         mfu=median_speed * per_token / peak,
         peak_flops=peak,
@@ -361,12 +384,29 @@ def _train(
     )
 
 
+def _restore(
+    checkpointer: Checkpointer,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: dict[str, int],
+) -> int:
+    """Load the newest intact checkpoint; the step it was taken after (0 without one)."""
+    meta = checkpointer.load(model, optimizer, model.config.to_dict())
+    if meta is None:
+        log.warning("no checkpoint to resume from: starting at step 0")
+        return 0
+    if meta.get("data") != fingerprint:
+        log.warning("the data differ from the checkpoint's (%s): the order will too", meta["data"])
+    log.info("resumed from step %d", meta["step"])
+    return int(meta["step"])
+
+
 @torch.no_grad()
 def evaluate(run: _Run, batches: Sequence[torch.Tensor]) -> float:
     """Mean next-token loss over the held-out batches, over all ranks."""
     total = torch.zeros((), device=run.device)
     for batch in batches:
-        total += run.loss(batch.to(run.device), train=False)[0]
+        total += run.losses(batch.to(run.device), train=False)["lm_loss"]
     return _mean_over_ranks(total / len(batches))
 
 
