@@ -93,9 +93,7 @@ class TokenWindows:
             n = (len(array) - 1) // seq_len
             if n == 0:
                 continue
-            held = min(n - 1, round(n * val_fraction)) if val_fraction else 0
-            if val_fraction and held == 0 and n > 1:
-                held = 1
+            held = min(n - 1, max(1, round(n * val_fraction))) if val_fraction else 0
             starts = np.arange(n, dtype=np.int64) * seq_len
             index = np.stack([np.full(n, a, dtype=np.int64), starts], axis=1)
             train.append(index[: n - held])
