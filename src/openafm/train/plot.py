@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None) -> 
                     label=name if len(runs) > 1 else None)  # fmt: skip
         mfu.plot(tokens, [100 * r["mfu"] for r in records], lw=0.4, color=colour, alpha=0.4)
     top.set_ylabel("loss (nats/token)")
-    top.set_title(", ".join(f"{n} ({r[-1]['tokens']:,} tokens)" for n, r in runs.items()))
+    title = ", ".join(f"{n} ({r[-1]['tokens']:,} tokens)" for n, r in runs.items())
+    top.set_title(textwrap.fill(title, 80))  # several long run names wrap instead of overflowing
     top.legend(fontsize="small")
     top.grid(alpha=0.3)
     bottom.set_ylabel("tokens/s")

@@ -160,8 +160,7 @@ class _Run:
     ) -> dict[str, float]:
         """One optimizer step on this rank's `rows` (accumulated over micro-batches); the
         losses averaged over every rank, and the global gradient norm before clipping."""
-        totals = {"loss": torch.zeros((), device=self.device)}
-        totals["lm_loss"] = torch.zeros((), device=self.device)
+        totals = {name: torch.zeros((), device=self.device) for name in ("loss", "lm_loss")}
         n = layout.accumulation
         for m in range(n):
             if n > 1:  # FSDP reduces gradients once, after the last micro-batch
@@ -209,22 +208,22 @@ class BatchLayout:
 
 def build_model(config: TrainConfig, mesh: DeviceMesh, device: torch.device) -> Transformer:
     """The freshly initialised model with the mesh's plans applied (TP, CP, checkpointing, FSDP)."""
-    mc, sizes = config.model_config, dict(zip(MESH_DIMS, mesh.shape, strict=True))
+    mc, cp, tp = config.model_config, mesh["cp"].size(), mesh["tp"].size()
     if config.seq_len > mc.max_seq_len:
         raise ValueError(
             f"seq_len {config.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}"
         )
-    if config.seq_len % sizes["cp"]:
-        raise ValueError(f"seq_len {config.seq_len} is not divisible by cp={sizes['cp']}")
-    if sizes["cp"] > 1 and config.activation_checkpointing:
+    if config.seq_len % cp:
+        raise ValueError(f"seq_len {config.seq_len} is not divisible by cp={cp}")
+    if cp > 1 and config.activation_checkpointing:
         raise ValueError("activation checkpointing with context parallelism is not supported yet")
     torch.manual_seed(config.seed)
     model = Transformer(mc)
     model.init_weights(seed=config.seed)
     model.to(device)
-    if sizes["tp"] > 1:
+    if tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    if sizes["cp"] > 1:
+    if cp > 1:
         apply_context_parallel(model, mesh["cp"])
     if config.activation_checkpointing:
         from torch.distributed._composable import checkpoint
