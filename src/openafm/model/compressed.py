@@ -1,19 +1,25 @@
 """Compressed weights the linear seam computes with: lookup tables (palettization) and int8 rows.
 
 Neither keeps a dense copy: `PalettizedWeight` holds bit-packed indices, one float16 lookup
-table per group of output rows and an optional float16 scale per row, and rebuilds the dense
-matrix transiently inside each product; `Int8Rows` holds int8 values with one scale per row
-and multiplies with PyTorch's int8 weight-only kernel (it also serves as an 8-bit embedding).
+table per group of output rows and an optional float16 scale per row; `Int8Rows` holds int8
+values with one scale per row (it also serves as an 8-bit embedding). Products of a few rows
+(decode) run on the native lookup-table and int8 kernels of `openafm.kernels`, which read the
+compressed bytes directly; the first such product repacks a palettized weight's indices into
+the kernels' layout, in place of the bit-packed rows (which are rebuilt for saving). Products
+of many rows (prefill) rebuild the dense matrix transiently, then multiply.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from openafm import kernels
 
 _WEIGHT_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 _KERNEL_ALIGNMENT = 64  # bytes; PyTorch's CPU allocator aligns to this
@@ -65,9 +71,60 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _kernel_rows(x: torch.Tensor) -> int | None:
+    """Activation rows of a product the native kernels should compute, or None.
+
+    Inference on the CPU with float activations only: training (autograd) and tracing (export)
+    keep the PyTorch path.
+    """
+    if (
+        x.device.type != "cpu"
+        or not x.dtype.is_floating_point
+        or (torch.is_grad_enabled() and x.requires_grad)
+        or torch.jit.is_tracing()
+        or not kernels.native()
+    ):
+        return None
+    return x.numel() // x.shape[-1] if x.shape[-1] else None
+
+
+class LowRankUpdate(Protocol):
+    """An adapter's update of a projection's output (`openafm.model.linear.LowRankDelta`)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float | torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _plus(y: torch.Tensor, delta: LowRankUpdate | None, x: torch.Tensor) -> torch.Tensor:
+    return y if delta is None else y + delta(x)
+
+
+def _fusable(delta: LowRankUpdate | None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A, B, scale) when the native kernel can add this update itself: one adapter for the
+    whole batch, float32, and nothing to differentiate."""
+    if (
+        delta is None
+        or delta.a.dim() != 2
+        or not isinstance(delta.scale, float)
+        or delta.a.dtype != torch.float32
+        or delta.b.dtype != torch.float32
+        or not (delta.a.is_contiguous() and delta.b.is_contiguous())
+        or (torch.is_grad_enabled() and (delta.a.requires_grad or delta.b.requires_grad))
+    ):
+        return None
+    return delta.a, delta.b, delta.scale
+
+
+def _buffer_bits_of(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size() * 8
+
+
 def _buffer_bits(module: nn.Module) -> int:
     """Bits of every stored tensor of `module` (its buffers)."""
-    return sum(t.numel() * t.element_size() * 8 for t in module.buffers())
+    return sum(_buffer_bits_of(t) for t in module.buffers())
 
 
 class PalettizedWeight(nn.Module):
@@ -98,13 +155,62 @@ class PalettizedWeight(nn.Module):
         self.register_buffer("indices", indices)
         self.register_buffer("lut", lut)
         self.register_buffer("scale", scale)
+        # the kernels' layout (see `repack`): bit-plane indices, float32 tables and scales
+        self.register_buffer("planes", None, persistent=False)
+        self.register_buffer("tables", None, persistent=False)
+        self.register_buffer("row_scale", None, persistent=False)
         self.dense_cache: torch.Tensor | None = None  # see `dense_copies`
+
+    @property
+    def repacked(self) -> bool:
+        return self.planes is not None
+
+    def repack(self) -> None:
+        """Move the indices into the native kernels' layout (once; no copy is kept)."""
+        if self.planes is not None:
+            return
+        idx = unpack_indices(self.indices, self.bits)
+        self.planes = kernels.repack(idx, self.bits)
+        self.tables = self.lut.float().flatten().contiguous()
+        self.row_scale = None if self.scale is None else self.scale.float().contiguous()
+        self.indices = torch.empty(0, dtype=torch.uint8)
+
+    def packed_indices(self) -> torch.Tensor:
+        """The bit-packed rows `(out, in * bits / 8)`, the on-disk form."""
+        if self.planes is None:
+            return self.indices
+        idx = kernels.unpack(self.planes.cpu(), self.bits, self.out_features, self.in_features)
+        return pack_indices(idx, self.bits).to(self.planes.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.planes is not None:
+            destination[prefix + "indices"] = self.packed_indices()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.planes is not None and prefix + "indices" in state_dict:
+            self.indices = torch.empty_like(state_dict[prefix + "indices"])
+            self.planes = self.tables = self.row_scale = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def _kernel_args(self) -> tuple:
+        """What `kernels.lut_linear` takes after x (held in a plain attribute: fast to reach)."""
+        args = self.__dict__.get("_args")
+        if args is None or args[0] is not self.planes:
+            args = (self.planes, self.tables, self.row_scale, self.bits, self.group_size)
+            args += (self.out_features,)
+            self.__dict__["_args"] = args
+        return args
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense matrix (transient: callers must not keep it)."""
         if self.dense_cache is not None and self.dense_cache.dtype == dtype:
             return self.dense_cache
-        idx = unpack_indices(self.indices, self.bits)
+        if self.planes is not None and self.planes.device.type == "cpu" and kernels.native():
+            w = kernels.lut_dequantize(*self._kernel_args, self.in_features)
+            return w.to(dtype)
+        idx = unpack_indices(self.packed_indices(), self.bits)
         offsets = torch.arange(self.out_features, device=idx.device)
         offsets = offsets // self.group_size * (1 << self.bits)
         w = torch.take(self.lut.to(dtype), idx + offsets.unsqueeze(1))
@@ -112,12 +218,31 @@ class PalettizedWeight(nn.Module):
             w = w * self.scale.to(dtype).unsqueeze(1)
         return w
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(_compute_dtype(x)))
+    def linear(self, x: torch.Tensor, delta: LowRankUpdate | None = None) -> torch.Tensor:
+        """`x Wᵀ`, plus `delta(x)` (an adapter), which the native kernel adds itself if it can."""
+        rows = _kernel_rows(x) if self.dense_cache is None else None
+        if rows is not None and self.bits in kernels.SUPPORTED_BITS:
+            self.repack()
+            if rows <= kernels.MAX_KERNEL_ROWS:
+                lora = None if delta is None else _fusable(delta)
+                y = kernels.lut_linear(x.float(), *self._kernel_args, lora=lora)
+                y = y.to(_compute_dtype(x))
+                return y if delta is None or lora is not None else y + delta(x)
+        dtype = _compute_dtype(x)
+        return _plus(F.linear(x.to(dtype), self.dequantize(dtype)), delta, x)
 
     def storage_bits(self) -> int:
-        """Bits stored: indices, tables and scales."""
-        return _buffer_bits(self)
+        """Bits stored on disk: indices, tables and scales."""
+        scale_bits = 0 if self.scale is None else _buffer_bits_of(self.scale)
+        return (
+            self.out_features * self.in_features * self.bits
+            + _buffer_bits_of(self.lut)
+            + scale_bits
+        )
+
+    def memory_bytes(self) -> int:
+        """Bytes held in memory now (the kernels' layout once repacked)."""
+        return _buffer_bits(self) // 8
 
 
 class Int8Rows(nn.Module):
@@ -127,6 +252,7 @@ class Int8Rows(nn.Module):
         super().__init__()
         self.register_buffer("values", values)
         self.register_buffer("scale", scale)
+        self.register_buffer("scale32", None, persistent=False)  # for the native kernel
         self.dense_cache: torch.Tensor | None = None  # see `dense_copies`
 
     @classmethod
@@ -153,8 +279,18 @@ class Int8Rows(nn.Module):
             return self.dense_cache
         return self.values.to(dtype) * self.scale.to(dtype).unsqueeze(1)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(_compute_dtype(x))
+    def linear(self, x: torch.Tensor, delta: LowRankUpdate | None = None) -> torch.Tensor:
+        """`x Vᵀ · scale` (plus `delta(x)`, an adapter, if given)."""
+        return _plus(self._product(x), delta, x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        rows = _kernel_rows(x) if self.dense_cache is None else None
+        if rows is not None and rows <= kernels.MAX_KERNEL_ROWS:
+            if self.scale32 is None:
+                self.scale32 = self.scale.float().contiguous()
+            return kernels.int8_linear(x.float(), self.values.contiguous(), self.scale32).to(dtype)
+        x = x.to(dtype)
         if self.dense_cache is not None and self.dense_cache.dtype == x.dtype:
             return F.linear(x, self.dense_cache)
         if _WEIGHT_INT8_MM is not None and x.device.type == "cpu" and not x.requires_grad:
@@ -170,7 +306,7 @@ class Int8Rows(nn.Module):
         return F.linear(x, self.dequantize(x.dtype))
 
     def storage_bits(self) -> int:
-        return _buffer_bits(self)
+        return _buffer_bits_of(self.values) + _buffer_bits_of(self.scale)
 
 
 @contextmanager

@@ -83,10 +83,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compressed is not None:
-            y = self.compressed.linear(x)
-            if self.bias is not None:
-                y = y + self.bias
-        elif _use_onednn(x, self.weight):
+            y = self.compressed.linear(x, self.delta)
+            return y if self.bias is None else y + self.bias
+        if _use_onednn(x, self.weight):
             y = _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
         else:
             y = F.linear(x, self.weight, self.bias)

@@ -17,6 +17,7 @@ from torch import nn
 from openafm.model.config import ModelConfig
 from openafm.model.kv_cache import KVCache
 from openafm.model.linear import Linear
+from openafm.model.norm import RMSNorm
 from openafm.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -29,8 +30,8 @@ class Attention(nn.Module):
         self.k = Linear(config.dim, config.n_kv_heads * hd)
         self.v = Linear(config.dim, config.n_kv_heads * hd)
         self.o = Linear(config.n_heads * hd, config.dim)
-        self.q_norm = nn.RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -74,9 +75,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.attn = Attention(config)
-        self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
 
     def forward(
@@ -100,7 +101,7 @@ class Transformer(nn.Module):
         self.config = config
         self.embed: nn.Module = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = Linear(config.dim, config.vocab_size)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_seq_len)
         self.tie_weights()

@@ -1,0 +1,879 @@
+// Lookup-table (palettized) and int8-row matrix products for one-token and small-batch decode.
+//
+// Registered as PyTorch custom operators in the `openafm` namespace. Every operator has a
+// pure-PyTorch reference in `openafm/kernels/reference.py`; the tests compare the two under each
+// instruction set this CPU supports.
+//
+// Layout of a palettized weight (made by `openafm.kernels.repack`): rows are taken 4 at a time
+// (a "tile") and columns 32 at a time (a "block"); for each tile and block the 4 rows' index
+// bytes are contiguous, so one thread streams its rows front to back. One row's 32 indices of a
+// block are stored as bit planes:
+//   4-bit plane, 16 bytes: byte j = i[j] | i[j+16] << 4
+//   2-bit plane,  8 bytes: byte j = i[j] | i[j+8] << 2 | i[j+16] << 4 | i[j+24] << 6
+//   1-bit plane,  4 bytes: bit j of a little-endian uint32 = i[j]
+// 2 bits = one 2-bit plane; 3 bits = 2-bit plane (bits 0-1) + 1-bit plane (bit 2);
+// 4 bits = one 4-bit plane; 6 bits = 4-bit plane (bits 0-3) + 2-bit plane (bits 4-5).
+// Tables are float32, one per group of rows, 2^bits entries; row scales are float32.
+//
+// The code for each instruction set is compiled with a `target` attribute and chosen at run time
+// from the CPU's flags, so one library runs on any x86-64 CPU (and the portable path elsewhere).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define OPENAFM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 4;    // rows per tile
+constexpr int64_t kBlock = 32;  // columns per block
+constexpr int64_t kMaxChunk = 4;  // activation rows computed together
+constexpr int64_t kPrefetchRows = 64;  // int8 rows: fetch this many rows ahead
+
+enum Isa : int64_t { kBest = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
+
+bool cpu_has_avx2() {
+#ifdef OPENAFM_X86
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#ifdef OPENAFM_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+int64_t best_isa() {
+  if (cpu_has_avx512()) return kAvx512;
+  if (cpu_has_avx2()) return kAvx2;
+  return kPortable;
+}
+
+int64_t resolve_isa(int64_t isa) {
+  if (isa == kBest) return best_isa();
+  TORCH_CHECK(isa >= kPortable && isa <= kAvx512, "unknown instruction set ", isa);
+  TORCH_CHECK(isa != kAvx512 || cpu_has_avx512(), "this CPU has no AVX-512 (F/BW/VL/DQ)");
+  TORCH_CHECK(isa != kAvx2 || cpu_has_avx2(), "this CPU has no AVX2+FMA");
+  return isa;
+}
+
+int64_t block_bytes(int64_t bits) { return 4 * bits; }  // one row's 32 indices
+
+bool supported_bits(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 6; }
+
+// What every product needs to know about one palettized weight.
+struct Lut {
+  const uint8_t* planes;
+  const float* tables;
+  const float* scale;  // may be null
+  int64_t bits, group, rows, tiles, blocks;
+
+  const uint8_t* block(int64_t tile, int64_t blk) const {
+    return planes + (tile * blocks + blk) * kRows * block_bytes(bits);
+  }
+  const float* table(int64_t row) const { return tables + (row / group) * (int64_t{1} << bits); }
+  float row_scale(int64_t row) const { return scale ? scale[row] : 1.0f; }
+};
+
+// Activations: `m` rows of `k` floats (k a multiple of 32), row stride `ld`.
+struct Acts {
+  const float* data;
+  int64_t m, ld;
+};
+
+// ---- portable ------------------------------------------------------------------------------
+
+void decode_block(const uint8_t* p, int64_t bits, uint8_t* idx) {
+  switch (bits) {
+    case 2:
+    case 3:
+      for (int j = 0; j < 8; ++j) {
+        const uint8_t b = p[j];
+        idx[j] = b & 3;
+        idx[j + 8] = (b >> 2) & 3;
+        idx[j + 16] = (b >> 4) & 3;
+        idx[j + 24] = b >> 6;
+      }
+      if (bits == 3) {
+        for (int j = 0; j < 32; ++j) idx[j] |= ((p[8 + j / 8] >> (j % 8)) & 1) << 2;
+      }
+      break;
+    case 4:
+    case 6:
+      for (int j = 0; j < 16; ++j) {
+        idx[j] = p[j] & 15;
+        idx[j + 16] = p[j] >> 4;
+      }
+      if (bits == 6) {
+        for (int j = 0; j < 8; ++j) {
+          const uint8_t b = p[16 + j];
+          idx[j] |= (b & 3) << 4;
+          idx[j + 8] |= ((b >> 2) & 3) << 4;
+          idx[j + 16] |= ((b >> 4) & 3) << 4;
+          idx[j + 24] |= (b >> 6) << 4;
+        }
+      }
+      break;
+  }
+}
+
+void lut_tiles_portable(const Lut& w, const Acts& x, float* y, int64_t ldy, int64_t t0,
+                        int64_t t1) {
+  const int64_t bb = block_bytes(w.bits);
+  uint8_t idx[kBlock];
+  float vals[kBlock];
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = tile * kRows + r;
+      if (row >= w.rows) break;
+      const float* table = w.table(row);
+      float acc[kMaxChunk * 4] = {};
+      for (int64_t m0 = 0; m0 < x.m; m0 += kMaxChunk * 4) {
+        const int64_t mc = std::min<int64_t>(kMaxChunk * 4, x.m - m0);
+        std::fill(acc, acc + mc, 0.0f);
+        for (int64_t blk = 0; blk < w.blocks; ++blk) {
+          decode_block(w.block(tile, blk) + r * bb, w.bits, idx);
+          for (int j = 0; j < kBlock; ++j) vals[j] = table[idx[j]];
+          for (int64_t m = 0; m < mc; ++m) {
+            const float* xv = x.data + (m0 + m) * x.ld + blk * kBlock;
+            float s = 0.0f;
+            for (int j = 0; j < kBlock; ++j) s += vals[j] * xv[j];
+            acc[m] += s;
+          }
+        }
+        for (int64_t m = 0; m < mc; ++m) y[(m0 + m) * ldy + row] = acc[m] * w.row_scale(row);
+      }
+    }
+  }
+}
+
+void int8_rows_portable(const int8_t* v, const float* scale, int64_t k, const Acts& x, float* y,
+                        int64_t ldy, int64_t r0, int64_t r1) {
+  for (int64_t row = r0; row < r1; ++row) {
+    const int8_t* vr = v + row * k;
+    for (int64_t m = 0; m < x.m; ++m) {
+      const float* xv = x.data + m * x.ld;
+      float s = 0.0f;
+      for (int64_t j = 0; j < k; ++j) s += static_cast<float>(vr[j]) * xv[j];
+      y[m * ldy + row] = s * scale[row];
+    }
+  }
+}
+
+#ifdef OPENAFM_X86
+
+// ---- AVX-512 -------------------------------------------------------------------------------
+
+#define OPENAFM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+OPENAFM_AVX512 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// A table in registers: 16 entries (2-4 bits, smaller tables repeated so stray high index
+// bits select a copy of the same entry) or 64 entries (6 bits) in four registers.
+template <int BITS>
+struct Table512 {
+  __m512 t[BITS == 6 ? 4 : 1];
+};
+
+template <int BITS>
+OPENAFM_AVX512 inline Table512<BITS> load_table512(const float* table) {
+  Table512<BITS> r;
+  if constexpr (BITS == 6) {
+    for (int i = 0; i < 4; ++i) r.t[i] = _mm512_loadu_ps(table + 16 * i);
+  } else {
+    const __m512i wrap = _mm512_and_si512(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((1 << BITS) - 1));
+    const __m512 raw = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (1 << BITS)) - 1), table);
+    r.t[0] = _mm512_permutexvar_ps(wrap, raw);
+  }
+  return r;
+}
+
+// One row's 32 weights of a block as two vectors (columns 0-15 and 16-31) of table values.
+template <int BITS>
+OPENAFM_AVX512 inline void lookup512(const uint8_t* p, const Table512<BITS>& t, __m512& w0,
+                                     __m512& w1) {
+  if constexpr (BITS == 4) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w0 = _mm512_permutexvar_ps(v, t.t[0]);
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t.t[0]);
+  } else if constexpr (BITS == 2 || BITS == 3) {
+    uint64_t bytes;
+    std::memcpy(&bytes, p, 8);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_set1_epi64x(static_cast<long long>(bytes)));
+    const __m512i s01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m512i s23 = _mm512_add_epi32(s01, _mm512_set1_epi32(4));
+    __m512i i0 = _mm512_srlv_epi32(v, s01);
+    __m512i i1 = _mm512_srlv_epi32(v, s23);
+    if constexpr (BITS == 3) {
+      uint32_t hi;
+      std::memcpy(&hi, p + 8, 4);
+      const __m512i three = _mm512_set1_epi32(3), four = _mm512_set1_epi32(4);
+      i0 = _mm512_and_si512(i0, three);
+      i1 = _mm512_and_si512(i1, three);
+      i0 = _mm512_mask_or_epi32(i0, static_cast<__mmask16>(hi), i0, four);
+      i1 = _mm512_mask_or_epi32(i1, static_cast<__mmask16>(hi >> 16), i1, four);
+    }
+    w0 = _mm512_permutexvar_ps(i0, t.t[0]);
+    w1 = _mm512_permutexvar_ps(i1, t.t[0]);
+  } else {  // 6 bits
+    const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    uint64_t bytes;
+    std::memcpy(&bytes, p + 16, 8);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_set1_epi64x(static_cast<long long>(bytes)));
+    const __m512i s01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m512i s23 = _mm512_add_epi32(s01, _mm512_set1_epi32(4));
+    const __m512i three = _mm512_set1_epi32(3), fifteen = _mm512_set1_epi32(15);
+    const __m512i h0 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(v, s01), three), 4);
+    const __m512i h1 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(v, s23), three), 4);
+    const __m512i i0 = _mm512_or_si512(_mm512_and_si512(lo, fifteen), h0);
+    const __m512i i1 = _mm512_or_si512(_mm512_srli_epi32(lo, 4), h1);
+    const __m512i bit5 = _mm512_set1_epi32(32);
+    w0 = _mm512_mask_blend_ps(_mm512_test_epi32_mask(i0, bit5),
+                              _mm512_permutex2var_ps(t.t[0], i0, t.t[1]),
+                              _mm512_permutex2var_ps(t.t[2], i0, t.t[3]));
+    w1 = _mm512_mask_blend_ps(_mm512_test_epi32_mask(i1, bit5),
+                              _mm512_permutex2var_ps(t.t[0], i1, t.t[1]),
+                              _mm512_permutex2var_ps(t.t[2], i1, t.t[3]));
+  }
+}
+
+// `MC` activation rows against one tile (4 rows) of the weight.
+template <int BITS, int MC>
+OPENAFM_AVX512 void lut_tile512(const Lut& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                                int64_t tile) {
+  constexpr int64_t bb = 4 * BITS;
+  Table512<BITS> tab[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    tab[r] = load_table512<BITS>(w.table(std::min(tile * kRows + r, w.rows - 1)));
+  }
+  __m512 acc[kRows][MC];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < w.blocks; ++blk) {
+    const uint8_t* p = w.block(tile, blk);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kRows * bb), _MM_HINT_T0);
+    __m512 x0[MC], x1[MC];
+    for (int m = 0; m < MC; ++m) {
+      x0[m] = _mm512_loadu_ps(x + m * ldx + blk * kBlock);
+      x1[m] = _mm512_loadu_ps(x + m * ldx + blk * kBlock + 16);
+    }
+    for (int64_t r = 0; r < kRows; ++r) {
+      __m512 w0, w1;
+      lookup512<BITS>(p + r * bb, tab[r], w0, w1);
+      for (int m = 0; m < MC; ++m) {
+        acc[r][m] = _mm512_fmadd_ps(w0, x0[m], acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(w1, x1[m], acc[r][m]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t row = tile * kRows + r;
+    if (row >= w.rows) break;
+    const float s = w.row_scale(row);
+    for (int m = 0; m < MC; ++m) y[m * ldy + row] = hsum512(acc[r][m]) * s;
+  }
+}
+
+template <int BITS>
+OPENAFM_AVX512 void lut_tiles512(const Lut& w, const Acts& x, float* y, int64_t ldy, int64_t t0,
+                                 int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= x.m; m0 += 4)
+      lut_tile512<BITS, 4>(w, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, tile);
+    switch (x.m - m0) {
+      case 3: lut_tile512<BITS, 3>(w, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, tile); break;
+      case 2: lut_tile512<BITS, 2>(w, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, tile); break;
+      case 1: lut_tile512<BITS, 1>(w, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, tile); break;
+      default: break;
+    }
+  }
+}
+
+template <int MC>
+OPENAFM_AVX512 void int8_rows512_chunk(const int8_t* v, const float* scale, int64_t k,
+                                       const float* x, int64_t ldx, float* y, int64_t ldy,
+                                       int64_t row) {
+  __m512 acc[kRows][MC];
+  for (auto& r : acc)
+    for (auto& a : r) a = _mm512_setzero_ps();
+  const int64_t k16 = k / 16 * 16;
+  for (int64_t j = 0; j < k; j += 16) {
+    const __mmask16 mask = j < k16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - j)) - 1);
+    __m512 xv[MC];
+    for (int m = 0; m < MC; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + j);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int8_t* src = v + (row + r) * k + j;
+      const __m128i b = j < k16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src))
+                                : _mm_maskz_loadu_epi8(mask, src);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+      for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int m = 0; m < MC; ++m) y[m * ldy + row + r] = hsum512(acc[r][m]) * scale[row + r];
+}
+
+
+// int8 rows against activations quantized to int16 (one scale per activation row): 32 products
+// per instruction, summed exactly in int32 (so `k` ≤ kMaxQuantCols), scaled once per row.
+template <int MC>
+OPENAFM_AVX512 void int8_rows512_q_chunk(const int8_t* v, const float* scale, int64_t k,
+                                         const int16_t* xq, int64_t ldq, const float* xs,
+                                         float* y, int64_t ldy, int64_t row) {
+  __m512i acc[kRows][MC];
+  for (auto& r : acc)
+    for (auto& a : r) a = _mm512_setzero_si512();
+  for (int64_t j = 0; j < k; j += 32) {
+    const __mmask32 mask = k - j >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (k - j)) - 1);
+    __m512i xv[MC];
+    for (int m = 0; m < MC; ++m) xv[m] = _mm512_loadu_si512(xq + m * ldq + j);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int8_t* src = v + (row + r) * k + j;
+      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * k), _MM_HINT_T0);
+      const __m256i b = mask == 0xFFFFFFFFu
+                            ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                            : _mm256_maskz_loadu_epi8(mask, src);
+      const __m512i wv = _mm512_cvtepi8_epi16(b);
+      for (int m = 0; m < MC; ++m)
+        acc[r][m] = _mm512_add_epi32(acc[r][m], _mm512_madd_epi16(wv, xv[m]));
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int m = 0; m < MC; ++m)
+      y[m * ldy + row + r] =
+          static_cast<float>(_mm512_reduce_add_epi32(acc[r][m])) * xs[m] * scale[row + r];
+}
+
+OPENAFM_AVX512 void int8_rows512(const int8_t* v, const float* scale, int64_t k, const Acts& x,
+                                 float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  int64_t row = r0;
+  for (; row + kRows <= r1; row += kRows) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= x.m; m0 += 4)
+      int8_rows512_chunk<4>(v, scale, k, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, row);
+    for (; m0 < x.m; ++m0)
+      int8_rows512_chunk<1>(v, scale, k, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, row);
+  }
+  if (row < r1) int8_rows_portable(v, scale, k, x, y, ldy, row, r1);
+}
+
+// ---- AVX2 ----------------------------------------------------------------------------------
+
+#define OPENAFM_AVX2 __attribute__((target("avx2,fma")))
+
+OPENAFM_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Tables: up to 3 bits in one register (smaller tables repeated), 4 bits in two, 6 bits gathered.
+template <int BITS>
+struct Table256 {
+  __m256 t[BITS == 4 ? 2 : 1];
+  const float* mem;
+};
+
+template <int BITS>
+OPENAFM_AVX2 inline Table256<BITS> load_table256(const float* table) {
+  Table256<BITS> r;
+  r.mem = table;
+  if constexpr (BITS == 4) {
+    r.t[0] = _mm256_loadu_ps(table);
+    r.t[1] = _mm256_loadu_ps(table + 8);
+  } else if constexpr (BITS <= 3) {
+    const __m256i wrap = _mm256_and_si256(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_epi32((1 << BITS) - 1));
+    float tmp[8] = {};
+    std::memcpy(tmp, table, sizeof(float) << BITS);
+    r.t[0] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(tmp), wrap);
+  } else {
+    r.t[0] = _mm256_setzero_ps();
+  }
+  return r;
+}
+
+template <int BITS>
+OPENAFM_AVX2 inline __m256 lookup256(__m256i i, const Table256<BITS>& t) {
+  if constexpr (BITS == 4) {
+    const __m256 lo = _mm256_permutevar8x32_ps(t.t[0], i);
+    const __m256 hi = _mm256_permutevar8x32_ps(t.t[1], i);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+  } else if constexpr (BITS <= 3) {
+    return _mm256_permutevar8x32_ps(t.t[0], i);
+  } else {
+    return _mm256_i32gather_ps(t.mem, i, 4);
+  }
+}
+
+// One row's 32 weights of a block as four vectors: columns 0-7, 8-15, 16-23, 24-31.
+template <int BITS>
+OPENAFM_AVX2 inline void lookup_block256(const uint8_t* p, const Table256<BITS>& t, __m256 w[4]) {
+  const __m256i three = _mm256_set1_epi32(3), fifteen = _mm256_set1_epi32(15);
+  if constexpr (BITS == 4 || BITS == 6) {
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+    __m256i i[4] = {_mm256_and_si256(a, fifteen), _mm256_and_si256(b, fifteen),
+                    _mm256_srli_epi32(a, 4), _mm256_srli_epi32(b, 4)};
+    if constexpr (BITS == 6) {
+      const __m256i h =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16)));
+      for (int q = 0; q < 4; ++q)
+        i[q] = _mm256_or_si256(
+            i[q], _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * q), three), 4));
+    }
+    for (int q = 0; q < 4; ++q) w[q] = lookup256<BITS>(i[q], t);
+  } else {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    __m256i i[4] = {v, _mm256_srli_epi32(v, 2), _mm256_srli_epi32(v, 4), _mm256_srli_epi32(v, 6)};
+    if constexpr (BITS == 3) {
+      uint32_t hi;
+      std::memcpy(&hi, p + 8, 4);
+      const __m256i bits = _mm256_set1_epi32(static_cast<int>(hi));
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i one = _mm256_set1_epi32(1);
+      for (int q = 0; q < 4; ++q) {
+        const __m256i h = _mm256_and_si256(
+            _mm256_srlv_epi32(bits, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * q))), one);
+        i[q] = _mm256_or_si256(_mm256_and_si256(i[q], three), _mm256_slli_epi32(h, 2));
+      }
+    }
+    for (int q = 0; q < 4; ++q) w[q] = lookup256<BITS>(i[q], t);
+  }
+}
+
+template <int BITS, int MC>
+OPENAFM_AVX2 void lut_tile256(const Lut& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                              int64_t tile) {
+  constexpr int64_t bb = 4 * BITS;
+  Table256<BITS> tab[kRows];
+  for (int64_t r = 0; r < kRows; ++r)
+    tab[r] = load_table256<BITS>(w.table(std::min(tile * kRows + r, w.rows - 1)));
+  __m256 acc[kRows][MC];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < w.blocks; ++blk) {
+    const uint8_t* p = w.block(tile, blk);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kRows * bb), _MM_HINT_T0);
+    for (int64_t r = 0; r < kRows; ++r) {
+      __m256 wv[4];
+      lookup_block256<BITS>(p + r * bb, tab[r], wv);
+      for (int m = 0; m < MC; ++m) {
+        const float* xv = x + m * ldx + blk * kBlock;
+        for (int q = 0; q < 4; ++q)
+          acc[r][m] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(xv + 8 * q), acc[r][m]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t row = tile * kRows + r;
+    if (row >= w.rows) break;
+    const float s = w.row_scale(row);
+    for (int m = 0; m < MC; ++m) y[m * ldy + row] = hsum256(acc[r][m]) * s;
+  }
+}
+
+template <int BITS>
+OPENAFM_AVX2 void lut_tiles256(const Lut& w, const Acts& x, float* y, int64_t ldy, int64_t t0,
+                               int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t m0 = 0;
+    for (; m0 + 2 <= x.m; m0 += 2)
+      lut_tile256<BITS, 2>(w, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, tile);
+    if (m0 < x.m) lut_tile256<BITS, 1>(w, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, tile);
+  }
+}
+
+template <int MC>
+OPENAFM_AVX2 void int8_rows256_chunk(const int8_t* v, const float* scale, int64_t k,
+                                     const float* x, int64_t ldx, float* y, int64_t ldy,
+                                     int64_t row) {
+  __m256 acc[kRows][MC];
+  for (auto& r : acc)
+    for (auto& a : r) a = _mm256_setzero_ps();
+  const int64_t k8 = k / 8 * 8;
+  for (int64_t j = 0; j < k8; j += 8) {
+    __m256 xv[MC];
+    for (int m = 0; m < MC; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + j);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + (row + r) * k + j));
+      const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+      for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int m = 0; m < MC; ++m) {
+      float s = hsum256(acc[r][m]);
+      for (int64_t j = k8; j < k; ++j) s += static_cast<float>(v[(row + r) * k + j]) * x[m * ldx + j];
+      y[m * ldy + row + r] = s * scale[row + r];
+    }
+  }
+}
+
+
+template <int MC>
+OPENAFM_AVX2 void int8_rows256_q_chunk(const int8_t* v, const float* scale, int64_t k,
+                                       const int16_t* xq, int64_t ldq, const float* xs, float* y,
+                                       int64_t ldy, int64_t row) {
+  __m256i acc[kRows][MC];
+  for (auto& r : acc)
+    for (auto& a : r) a = _mm256_setzero_si256();
+  const int64_t k16 = k / 16 * 16;
+  for (int64_t j = 0; j < k16; j += 16) {
+    __m256i xv[MC];
+    for (int m = 0; m < MC; ++m)
+      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * ldq + j));
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m256i wv = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + (row + r) * k + j)));
+      for (int m = 0; m < MC; ++m)
+        acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv, xv[m]));
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int m = 0; m < MC; ++m) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[r][m]);
+      int64_t s = 0;
+      for (int32_t lane : lanes) s += lane;
+      for (int64_t j = k16; j < k; ++j) s += int64_t{v[(row + r) * k + j]} * xq[m * ldq + j];
+      y[m * ldy + row + r] = static_cast<float>(s) * xs[m] * scale[row + r];
+    }
+  }
+}
+
+OPENAFM_AVX2 void int8_rows256(const int8_t* v, const float* scale, int64_t k, const Acts& x,
+                               float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  int64_t row = r0;
+  for (; row + kRows <= r1; row += kRows) {
+    int64_t m0 = 0;
+    for (; m0 + 2 <= x.m; m0 += 2)
+      int8_rows256_chunk<2>(v, scale, k, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, row);
+    for (; m0 < x.m; ++m0)
+      int8_rows256_chunk<1>(v, scale, k, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, row);
+  }
+  if (row < r1) int8_rows_portable(v, scale, k, x, y, ldy, row, r1);
+}
+
+#endif  // OPENAFM_X86
+
+// ---- dispatch ------------------------------------------------------------------------------
+
+using LutTiles = void (*)(const Lut&, const Acts&, float*, int64_t, int64_t, int64_t);
+
+LutTiles lut_tiles_for(int64_t isa, int64_t bits) {
+#ifdef OPENAFM_X86
+  if (isa == kAvx512) {
+    switch (bits) {
+      case 2: return lut_tiles512<2>;
+      case 3: return lut_tiles512<3>;
+      case 4: return lut_tiles512<4>;
+      case 6: return lut_tiles512<6>;
+    }
+  }
+  if (isa == kAvx2) {
+    switch (bits) {
+      case 2: return lut_tiles256<2>;
+      case 3: return lut_tiles256<3>;
+      case 4: return lut_tiles256<4>;
+      case 6: return lut_tiles256<6>;
+    }
+  }
+#endif
+  return lut_tiles_portable;
+}
+
+// Work is split over at most this many weights per task, so small products stay on one thread.
+constexpr int64_t kGrainWeights = 1 << 16;
+
+// x (m, k) float32 → a contiguous float32 copy padded with zeros to `k_padded` columns, or x.
+at::Tensor padded_activations(const at::Tensor& x, int64_t k_padded) {
+  at::Tensor flat = x.reshape({-1, x.size(-1)}).contiguous();
+  if (flat.size(1) == k_padded) return flat;
+  at::Tensor out = at::zeros({flat.size(0), k_padded}, flat.options());
+  out.narrow(1, 0, flat.size(1)).copy_(flat);
+  return out;
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+Lut check_lut(const at::Tensor& planes, const at::Tensor& tables,
+              const std::optional<at::Tensor>& scale, int64_t bits, int64_t group,
+              int64_t out_features, int64_t in_features) {
+  TORCH_CHECK(supported_bits(bits), "lookup-table kernel: unsupported bit width ", bits,
+              " (supported: 2, 3, 4, 6)");
+  TORCH_CHECK(group >= 1 && out_features >= 1 && in_features >= 1 && out_features % group == 0,
+              "lookup-table kernel: group ", group, " does not divide ", out_features, " rows");
+  const int64_t tiles = (out_features + kRows - 1) / kRows;
+  const int64_t blocks = (in_features + kBlock - 1) / kBlock;
+  TORCH_CHECK(planes.scalar_type() == at::kByte && planes.is_contiguous() && planes.is_cpu(),
+              "lookup-table kernel: planes must be contiguous uint8 on the CPU");
+  TORCH_CHECK(planes.numel() == tiles * blocks * kRows * block_bytes(bits),
+              "lookup-table kernel: planes hold ", planes.numel(), " bytes, expected ",
+              tiles * blocks * kRows * block_bytes(bits));
+  TORCH_CHECK(tables.scalar_type() == at::kFloat && tables.is_contiguous() &&
+                  tables.numel() == (out_features / group) << bits,
+              "lookup-table kernel: tables must be contiguous float32 of ",
+              (out_features / group) << bits, " entries");
+  const float* scale_ptr = nullptr;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+                    scale->numel() == out_features,
+                "lookup-table kernel: scale must be contiguous float32 of ", out_features);
+    scale_ptr = scale->data_ptr<float>();
+  }
+  return Lut{planes.data_ptr<uint8_t>(), tables.data_ptr<float>(), scale_ptr, bits, group,
+             out_features, tiles, blocks};
+}
+
+// Small float loops the compiler vectorizes for each instruction set (chosen at load time).
+#if defined(OPENAFM_X86) && defined(__GNUC__) && !defined(__clang__)
+#define OPENAFM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define OPENAFM_CLONES
+#endif
+
+OPENAFM_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// Adds `lora_scale · (x Aᵀ) Bᵀ` (an unmerged LoRA update; A (rank, k), B (n, rank)) to y's rows
+// [r0, r1); `u` holds x Aᵀ (m, rank).
+void add_low_rank(const float* u, const float* b, int64_t rank, float lora_scale, int64_t m,
+                  float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t row = r0; row < r1; ++row)
+      y[i * ldy + row] += lora_scale * dot(b + row * rank, u + i * rank, rank);
+}
+
+struct LowRank {
+  at::Tensor u;  // x Aᵀ, (m, rank) float32
+  const float* b = nullptr;
+  int64_t rank = 0;
+  float scale = 1.0f;
+};
+
+LowRank low_rank(const at::Tensor& flat_x, const std::optional<at::Tensor>& a,
+                 const std::optional<at::Tensor>& b, double lora_scale, int64_t n) {
+  LowRank lr;
+  if (!a.has_value() && !b.has_value()) return lr;
+  TORCH_CHECK(a.has_value() && b.has_value(), "lut_linear: give both LoRA factors or neither");
+  TORCH_CHECK(a->scalar_type() == at::kFloat && b->scalar_type() == at::kFloat && a->dim() == 2 &&
+                  b->dim() == 2 && a->is_contiguous() && b->is_contiguous(),
+              "lut_linear: LoRA factors must be contiguous 2-D float32");
+  const int64_t rank = a->size(0), k = flat_x.size(1);
+  TORCH_CHECK(a->size(1) == k && b->size(0) == n && b->size(1) == rank,
+              "lut_linear: LoRA factors of shapes ", a->sizes(), " and ", b->sizes(),
+              " do not fit a ", n, "x", k, " projection");
+  const int64_t m = flat_x.size(0);
+  lr.u = at::empty({m, rank}, flat_x.options());
+  const float* xa = flat_x.data_ptr<float>();
+  const float* av = a->data_ptr<float>();
+  float* u = lr.u.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < rank; ++j) u[i * rank + j] = dot(av + j * k, xa + i * k, k);
+  lr.b = b->data_ptr<float>();
+  lr.rank = rank;
+  lr.scale = static_cast<float>(lora_scale);
+  return lr;
+}
+
+// y = x Wᵀ (+ lora_scale · (x Aᵀ) Bᵀ) for a palettized W; x (..., in_features) float32.
+at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tables,
+                      const std::optional<at::Tensor>& scale, int64_t bits, int64_t group,
+                      int64_t out_features, int64_t isa, const std::optional<at::Tensor>& lora_a,
+                      const std::optional<at::Tensor>& lora_b, double lora_scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu(), "lut_linear: x must be float32 on CPU");
+  const int64_t in_features = x.size(-1);
+  const Lut w = check_lut(planes, tables, scale, bits, group, out_features, in_features);
+  const LutTiles run = lut_tiles_for(resolve_isa(isa), bits);
+  const at::Tensor flat = x.reshape({-1, in_features}).contiguous();
+  const LowRank lr = low_rank(flat, lora_a, lora_b, lora_scale, out_features);
+  const at::Tensor xp = padded_activations(flat, w.blocks * kBlock);
+  const int64_t m = xp.size(0);
+  at::Tensor y = at::empty({m, out_features}, x.options());
+  const Acts acts{xp.data_ptr<float>(), m, xp.size(1)};
+  float* out = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrainWeights / (kRows * w.blocks * kBlock * m));
+  at::parallel_for(0, w.tiles, grain, [&](int64_t t0, int64_t t1) {
+    run(w, acts, out, out_features, t0, t1);
+    if (lr.b != nullptr) {
+      add_low_rank(lr.u.data_ptr<float>(), lr.b, lr.rank, lr.scale, m, out, out_features,
+                   t0 * kRows, std::min(t1 * kRows, out_features));
+    }
+  });
+  return y.view(output_shape(x, out_features));
+}
+
+// The dense float32 matrix (out_features, in_features) of a palettized weight (for prefill).
+at::Tensor lut_dequantize(const at::Tensor& planes, const at::Tensor& tables,
+                          const std::optional<at::Tensor>& scale, int64_t bits, int64_t group,
+                          int64_t out_features, int64_t in_features) {
+  const Lut w = check_lut(planes, tables, scale, bits, group, out_features, in_features);
+  at::Tensor out = at::empty({out_features, in_features}, tables.options());
+  float* dst = out.data_ptr<float>();
+  const int64_t bb = block_bytes(bits);
+  at::parallel_for(0, w.tiles, 16, [&](int64_t t0, int64_t t1) {
+    uint8_t idx[kBlock];
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t row = tile * kRows + r;
+        if (row >= out_features) break;
+        const float* table = w.table(row);
+        const float s = w.row_scale(row);
+        float* d = dst + row * in_features;
+        for (int64_t blk = 0; blk < w.blocks; ++blk) {
+          decode_block(w.block(tile, blk) + r * bb, bits, idx);
+          const int64_t n = std::min<int64_t>(kBlock, in_features - blk * kBlock);
+          for (int64_t j = 0; j < n; ++j) d[blk * kBlock + j] = table[idx[j]] * s;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+constexpr int64_t kMaxQuantCols = 16384;  // int32 sums of int8 x int16 products stay exact
+
+// Activations (m, k) → int16 (m, k rounded up to 32, zero-padded) with one scale per row.
+void quantize_rows(const float* x, int64_t m, int64_t k, int16_t* q, int64_t ldq, float* scales) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * k;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::abs(xi[j]));
+    const float s = amax > 0.0f ? amax / 16383.0f : 1.0f;
+    const float inv = 1.0f / s;
+    int16_t* qi = q + i * ldq;
+    for (int64_t j = 0; j < k; ++j) qi[j] = static_cast<int16_t>(std::nearbyint(xi[j] * inv));
+    for (int64_t j = k; j < ldq; ++j) qi[j] = 0;
+    scales[i] = s;
+  }
+}
+
+// y = x Vᵀ · scale for int8 rows V (out, in) with one float32 scale per row. With
+// `quantize_activations`, x is first rounded to int16 per row (relative error ≤ 2^-15 of the
+// row's largest value) and the products are summed exactly in integers: 2-3x faster.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& scale,
+                       int64_t isa, bool quantize_activations) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu(), "int8_linear: x must be float32 on CPU");
+  TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 2 && values.is_contiguous(),
+              "int8_linear: values must be contiguous int8 (rows, cols)");
+  const int64_t n = values.size(0), k = values.size(1);
+  TORCH_CHECK(x.size(-1) == k, "int8_linear: x has ", x.size(-1), " columns, the rows ", k);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
+              "int8_linear: scale must be contiguous float32 of ", n);
+  const int64_t chosen = resolve_isa(isa);
+  const at::Tensor flat = x.reshape({-1, k}).contiguous();
+  const int64_t m = flat.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  const Acts acts{flat.data_ptr<float>(), m, k};
+  const int8_t* v = values.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const bool quantized = quantize_activations && chosen != kPortable && k <= kMaxQuantCols;
+  const int64_t ldq = (k + kBlock - 1) / kBlock * kBlock;
+  at::Tensor xq = at::empty({quantized ? m * ldq : 0}, x.options().dtype(at::kShort));
+  at::Tensor xs = at::empty({m}, x.options());
+  if (quantized) quantize_rows(acts.data, m, k, xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>());
+  const int16_t* q = quantized ? xq.data_ptr<int16_t>() : nullptr;
+  const float* qs = xs.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(kRows, kGrainWeights / (k * m)) / kRows * kRows;
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+#ifdef OPENAFM_X86
+    if (quantized) {
+      int64_t row = r0;
+      for (; row + kRows <= r1; row += kRows) {
+        for (int64_t i = 0; i < m; ++i) {
+          if (chosen == kAvx512)
+            int8_rows512_q_chunk<1>(v, s, k, q + i * ldq, ldq, qs + i, out + i * n, n, row);
+          else
+            int8_rows256_q_chunk<1>(v, s, k, q + i * ldq, ldq, qs + i, out + i * n, n, row);
+        }
+      }
+      if (row < r1) int8_rows_portable(v, s, k, acts, out, n, row, r1);
+      return;
+    }
+    if (chosen == kAvx512) return int8_rows512(v, s, k, acts, out, n, r0, r1);
+    if (chosen == kAvx2) return int8_rows256(v, s, k, acts, out, n, r0, r1);
+#endif
+    int8_rows_portable(v, s, k, acts, out, n, r0, r1);
+  });
+  return y.view(output_shape(x, n));
+}
+
+// RMSNorm of the last dimension, times `weight` (float32).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.is_cpu(),
+              "rms_norm: float32 CPU tensors only");
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.numel() == d, "rms_norm: weight of ", weight.numel(), " for rows of ", d);
+  const at::Tensor flat = x.reshape({-1, d}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor y = at::empty_like(flat);
+  const float* src = flat.data_ptr<float>();
+  const float* wv = w.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  for (int64_t i = 0; i < flat.size(0); ++i) {
+    const float* xi = src + i * d;
+    const float ss = dot(xi, xi, d);
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t j = 0; j < d; ++j) dst[i * d + j] = xi[j] * inv * wv[j];
+  }
+  return y.view(x.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(openafm, m) {
+  m.def(
+      "lut_linear(Tensor x, Tensor planes, Tensor tables, Tensor? scale, int bits, int group, "
+      "int out_features, int isa=0, Tensor? lora_a=None, Tensor? lora_b=None, "
+      "float lora_scale=1.0) -> Tensor");
+  m.def(
+      "lut_dequantize(Tensor planes, Tensor tables, Tensor? scale, int bits, int group, "
+      "int out_features, int in_features) -> Tensor");
+  m.def(
+      "int8_linear(Tensor x, Tensor values, Tensor scale, int isa=0, "
+      "bool quantize_activations=False) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("best_isa() -> int", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(openafm, CPU, m) {
+  m.impl("lut_linear", &lut_linear);
+  m.impl("lut_dequantize", &lut_dequantize);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("rms_norm", &rms_norm);
+}
