@@ -9,13 +9,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from openafm import kernels
 from openafm.adapters.trainer import StepReport
 from openafm.io import CheckpointError, FetchError
 from openafm.model import Transformer
@@ -23,6 +24,24 @@ from openafm.runtime import ContextLengthError, Pretrained, load_pretrained
 from openafm.tokenizer import ChatTemplateError, Tokenizer
 
 err_console = Console(stderr=True)
+
+KernelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--kernel",
+        help="How compressed models compute: default (native kernels, fastest at negligible"
+        " quality cost), exact (native, float32 throughout) or reference (PyTorch only)"
+        " [default: $OPENAFM_KERNEL or default].",
+    ),
+]
+
+
+def choose_kernel(choice: str | None) -> None:
+    """Apply `--kernel` (bad usage if it names no mode)."""
+    if choice is not None and choice not in kernels.MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(kernels.MODES)}", param_hint="--kernel")
+    kernels.set_mode(choice)
+
 
 USER_ERRORS = (
     CheckpointError,

@@ -8,8 +8,16 @@ from typing import Annotated
 import torch
 import typer
 
-from openafm.cli.common import err_console, load_named, print_json, read_prompt, user_errors
-from openafm.runtime import SamplingParams, engine_for
+from openafm.cli.common import (
+    KernelOption,
+    choose_kernel,
+    err_console,
+    load_named,
+    print_json,
+    read_prompt,
+    user_errors,
+)
+from openafm.runtime import PromptLookup, SamplingParams, engine_for
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -51,9 +59,18 @@ def generate(
     force: Annotated[
         bool, typer.Option(help="Use the adapter even if it was trained on another base.")
     ] = False,
+    speculate: Annotated[
+        bool,
+        typer.Option(
+            help="Speculative decoding: draft tokens from the prompt and the text so far, verify"
+            " them in one step (greedy output is identical; sampling keeps its distribution)."
+        ),
+    ] = True,
+    kernel: KernelOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Generate an answer. Chat is the default for instruct models; plain output streams the text."""
+    choose_kernel(kernel)
     if prefill_dtype not in _DTYPES:
         raise typer.BadParameter(
             f"choose one of {', '.join(_DTYPES)}", param_hint="--prefill-dtype"
@@ -72,7 +89,12 @@ def generate(
         )
         with err_console.status("loading model…", spinner="dots"):
             pretrained = load_named(model)
-        engine = engine_for(pretrained, prefill_dtype=_DTYPES[prefill_dtype], force_adapters=force)
+        engine = engine_for(
+            pretrained,
+            prefill_dtype=_DTYPES[prefill_dtype],
+            force_adapters=force,
+            speculation=PromptLookup() if speculate else None,
+        )
         ids = engine.encode(
             text, chat=chat and pretrained.tokenizer.chat_template is not None, system=system
         )

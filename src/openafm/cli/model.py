@@ -9,8 +9,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from openafm.cli.common import err_console, load_named, print_json, user_errors
+from openafm import kernels
+from openafm.cli.common import (
+    KernelOption,
+    choose_kernel,
+    err_console,
+    load_named,
+    print_json,
+    user_errors,
+)
 from openafm.io import DEFAULT_MODEL, KNOWN_MODELS, fetch_model, model_signature
+from openafm.model.compressed import is_compressed
 
 app = typer.Typer(help="Fetch models into the cache and inspect them.", no_args_is_help=True)
 
@@ -46,9 +55,11 @@ def info(
     model: Annotated[
         str | None, typer.Option(help="Known model name, .gguf file, or model directory.")
     ] = None,
+    kernel: KernelOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Config, parameter count, bytes on disk and in memory, and signature of a model."""
+    """Config, parameter count, bytes on disk and in memory, signature, and the kernels in use."""
+    choose_kernel(kernel)
     with user_errors():
         with err_console.status("loading model…", spinner="dots"):
             pretrained = load_named(model)
@@ -71,6 +82,9 @@ def info(
             "signature": model_signature(ck.config, m.state_dict()),
             "vocab_size": pretrained.tokenizer.vocab_size,
             "chat_template": pretrained.tokenizer.chat_template is not None,
+            "compressed": is_compressed(m),
+            "kernel": kernels.mode() if is_compressed(m) else "dense (PyTorch)",
+            "instruction_set": kernels.isa(),
         }
     if json_output:
         print_json(data)

@@ -309,6 +309,20 @@ class Int8Rows(nn.Module):
         return _buffer_bits_of(self.values) + _buffer_bits_of(self.scale)
 
 
+def repack_for_kernels(model: nn.Module) -> None:
+    """Move every palettized weight into the native kernels' layout now (at load), so the first
+    request does not pay for it; nothing happens without the native kernels."""
+    if kernels.native():
+        for module in model.modules():
+            if isinstance(module, PalettizedWeight) and module.bits in kernels.SUPPORTED_BITS:
+                module.repack()
+
+
+def is_compressed(model: nn.Module) -> bool:
+    """Whether any projection of `model` computes with a compressed weight."""
+    return any(isinstance(m, (PalettizedWeight, Int8Rows)) for m in model.modules())
+
+
 @contextmanager
 def dense_copies(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Inside the block, compressed weights compute from a dense `dtype` copy made once.

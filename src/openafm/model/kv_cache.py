@@ -105,6 +105,13 @@ class KVCache:
     def advance(self, n_new: int) -> None:
         self.length += n_new
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (rejected speculative tokens); they are
+        overwritten by the next write."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
     def nbytes(self) -> int:
         if self.keys is None or self.values is None:
             return 0

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 import torch
 
 from openafm.model import KVCache, Linear, Transformer
+from openafm.model.compressed import is_compressed
 from openafm.runtime.adapter_cache import AdapterCache, overlaid, overlay
 from openafm.runtime.detokenize import IncrementalDetokenizer, StopMatcher
 from openafm.runtime.sampling import SamplingParams, sample_next
+from openafm.runtime.speculative import PromptLookup, next_draft_length, verify
+from openafm.runtime.threads import ThreadTuner
 from openafm.tokenizer import Tokenizer
 
 
@@ -35,6 +38,8 @@ class Completion:
     ttft_ms: float
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, and how many were kept
+    accepted_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -50,6 +55,8 @@ class Completion:
             "ttft_ms": round(self.ttft_ms, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
         }
 
 
@@ -62,6 +69,8 @@ class _Row:
     text: str = ""
     emitted: int = 0
     finish_reason: str | None = None
+    drafted: int = 0
+    accepted: int = 0
 
 
 class Engine:
@@ -73,7 +82,11 @@ class Engine:
     cost a third of that gain) at the cost of bf16 rounding and the copy's memory. Decode runs
     in the weights' dtype (memory-bound). Prompts of different lengths are left-padded into one
     batch; each row stops on its own. With an `AdapterCache`, each request may name a feature
-    adapter; rows of one batch may use different adapters.
+    adapter; rows of one batch may use different adapters. With `speculation`, a single prompt
+    decodes speculatively (drafts verified in one forward; the output is what plain decoding
+    gives); batches of several prompts decode plainly. Decode steps choose their thread count
+    by timing (`ThreadTuner`), so another busy process on the machine does not collapse them;
+    `tune_threads=False` keeps PyTorch's setting.
     """
 
     def __init__(
@@ -84,13 +97,18 @@ class Engine:
         prefill_dtype: torch.dtype = torch.float32,
         cache_dtype: torch.dtype = torch.float32,
         adapters: AdapterCache | None = None,
+        speculation: PromptLookup | None = None,
+        tune_threads: bool = True,
     ) -> None:
         self.model = model.eval()
+        self.speculation = speculation
+        self.threads = ThreadTuner() if tune_threads else None
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.prefill_dtype = prefill_dtype
         self.prefill_model = model
-        if prefill_dtype != model.dtype and not _is_compressed(model):
+        # compressed projections compute from their tables; a dense twin would defeat them
+        if prefill_dtype != model.dtype and not is_compressed(model):
             self.prefill_model = _cast_copy(model, prefill_dtype)
         self.cache_dtype = cache_dtype
         self.context_length = model.config.max_seq_len
@@ -206,21 +224,13 @@ class Engine:
             logits = self.prefill_model(tokens, cache, last_only=True)[:, -1]
         next_ids = sample_next(logits, params, generator)
         first = time.perf_counter()
-        for step in range(budget):
-            if step:
-                with torch.inference_mode():
-                    logits = self.model(next_ids[:, None], cache, last_only=True)[:, -1]
-                next_ids = sample_next(logits, params, generator)
-            for i, token in enumerate(next_ids.tolist()):
-                row = rows[i]
-                if row.finish_reason is None:
-                    piece = self._advance(
-                        row, token, stops, last=step == budget - 1, ignore_eos=params.ignore_eos
-                    )
-                    if piece:
-                        yield i, piece
-            if all(r.finish_reason for r in rows):
-                break
+        if self.speculation is not None and len(prompts) == 1:
+            decode = self._decode_speculative(
+                list(prompts[0]), int(next_ids[0]), cache, rows[0], budget, params, stops, generator
+            )
+        else:
+            decode = self._decode(next_ids, cache, rows, budget, params, stops, generator)
+        yield from decode
         end = time.perf_counter()
 
         ttft = first - start
@@ -235,9 +245,81 @@ class Engine:
                 if len(r.token_ids) > 1 and end > first
                 else 0.0,
                 prefill_tokens_per_s=n / ttft if ttft > 0 else 0.0,
+                draft_tokens=r.drafted,
+                accepted_tokens=r.accepted,
             )
             for r, n in zip(rows, lengths, strict=True)
         ]
+
+    def _decode_threads(self) -> contextlib.AbstractContextManager[None]:
+        return self.threads.step() if self.threads is not None else contextlib.nullcontext()
+
+    def _decode(
+        self,
+        next_ids: torch.Tensor,
+        cache: KVCache,
+        rows: list[_Row],
+        budget: int,
+        params: SamplingParams,
+        stops: StopMatcher,
+        generator: torch.Generator,
+    ) -> Generator[tuple[int, str], None, None]:
+        """One token per row per forward, until every row stops."""
+        for step in range(budget):
+            if step:
+                with torch.inference_mode(), self._decode_threads():
+                    logits = self.model(next_ids[:, None], cache, last_only=True)[:, -1]
+                next_ids = sample_next(logits, params, generator)
+            for i, token in enumerate(next_ids.tolist()):
+                row = rows[i]
+                if row.finish_reason is None:
+                    piece = self._advance(
+                        row, token, stops, last=step == budget - 1, ignore_eos=params.ignore_eos
+                    )
+                    if piece:
+                        yield i, piece
+            if all(r.finish_reason for r in rows):
+                break
+
+    def _decode_speculative(
+        self,
+        history: list[int],
+        pending: int,
+        cache: KVCache,
+        row: _Row,
+        budget: int,
+        params: SamplingParams,
+        stops: StopMatcher,
+        generator: torch.Generator,
+    ) -> Generator[tuple[int, str], None, None]:
+        """One prompt: feed the pending token with a draft, keep what verification accepts.
+
+        `pending` is a chosen token whose key/value is not yet in the cache; each forward
+        writes it and the draft, and the cache forgets the rejected part of the draft.
+        """
+        assert self.speculation is not None
+        accepted: list[int] = []
+        length = self.speculation.max_draft
+        while True:
+            # the accepted draft, then the token that follows it (the budget leaves it room)
+            for token in [*accepted, pending]:
+                last = len(row.token_ids) + 1 == budget
+                piece = self._advance(row, token, stops, last=last, ignore_eos=params.ignore_eos)
+                if piece:
+                    yield 0, piece
+                history.append(token)
+                if row.finish_reason:
+                    return
+            room = min(budget - len(row.token_ids) - 1, cache.max_len - cache.length - 1)
+            draft = self.speculation.propose(history, min(room, length))
+            with torch.inference_mode(), self._decode_threads():
+                logits = self.model(torch.tensor([[pending, *draft]]), cache)[0]
+            n_accepted, pending = verify(logits, draft, params, generator)
+            cache.truncate(cache.length - (len(draft) - n_accepted))
+            accepted = draft[:n_accepted]
+            length = next_draft_length(length, len(draft), n_accepted, self.speculation.max_draft)
+            row.drafted += len(draft)
+            row.accepted += n_accepted
 
     def _advance(
         self, row: _Row, token: int, stops: StopMatcher, *, last: bool, ignore_eos: bool
@@ -261,11 +343,6 @@ class Engine:
         piece = row.text[row.emitted : end]
         row.emitted = max(row.emitted, end)
         return piece
-
-
-def _is_compressed(model: Transformer) -> bool:
-    """Compressed projections compute from their tables; a dense twin would defeat them."""
-    return any(isinstance(m, Linear) and m.compressed is not None for m in model.modules())
 
 
 def _cast_copy(model: Transformer, dtype: torch.dtype) -> Transformer:

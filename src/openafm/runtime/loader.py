@@ -31,8 +31,10 @@ from openafm.io.compressed_checkpoint import (
 )
 from openafm.io.hf_checkpoint import CONFIG_FILE
 from openafm.model import Transformer
+from openafm.model.compressed import repack_for_kernels
 from openafm.runtime.adapter_cache import DEFAULT_BUDGET_BYTES, AdapterCache
 from openafm.runtime.engine import Engine
+from openafm.runtime.speculative import PromptLookup
 from openafm.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("openafm")
@@ -142,6 +144,7 @@ def _load_compressed(path: Path) -> Pretrained:
         check_base(adapter, pretrained.signature())
         adapter.check_fits(model)
         adapter.to(model.dtype).attach(model)
+    repack_for_kernels(model)
     return pretrained
 
 
@@ -151,6 +154,7 @@ def engine_for(
     prefill_dtype: torch.dtype = torch.float32,
     adapter_budget_bytes: int = DEFAULT_BUDGET_BYTES,
     force_adapters: bool = False,
+    speculation: PromptLookup | None = None,
 ) -> Engine:
     """An engine over a loaded model, with an adapter cache bound to the model's signature."""
     cache = AdapterCache(
@@ -161,5 +165,9 @@ def engine_for(
         default=None if pretrained.default_adapter is None else str(pretrained.default_adapter),
     )
     return Engine(
-        pretrained.model, pretrained.tokenizer, prefill_dtype=prefill_dtype, adapters=cache
+        pretrained.model,
+        pretrained.tokenizer,
+        prefill_dtype=prefill_dtype,
+        adapters=cache,
+        speculation=speculation,
     )

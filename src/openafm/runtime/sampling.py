@@ -32,15 +32,11 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
 
 
-def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Next token per row of `logits` (batch, vocab) → (batch,)."""
-    if params.temperature == 0.0:
-        return logits.argmax(dim=-1)
+def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampling draws from (temperature, top-k, top-p applied), per row."""
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -49,5 +45,14 @@ def sample_next(
         drop = probs.cumsum(dim=-1) - probs >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token per row of `logits` (batch, vocab) → (batch,)."""
+    if params.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, params)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

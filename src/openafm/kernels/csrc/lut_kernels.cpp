@@ -815,10 +815,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& values, const at::
     if (quantized) {
       int64_t row = r0;
       for (; row + kRows <= r1; row += kRows) {
-        for (int64_t i = 0; i < m; ++i) {
-          if (chosen == kAvx512)
+        int64_t i = 0;
+        if (chosen == kAvx512) {
+          for (; i + 4 <= m; i += 4)
+            int8_rows512_q_chunk<4>(v, s, k, q + i * ldq, ldq, qs + i, out + i * n, n, row);
+          for (; i < m; ++i)
             int8_rows512_q_chunk<1>(v, s, k, q + i * ldq, ldq, qs + i, out + i * n, n, row);
-          else
+        } else {
+          for (; i + 2 <= m; i += 2)
+            int8_rows256_q_chunk<2>(v, s, k, q + i * ldq, ldq, qs + i, out + i * n, n, row);
+          for (; i < m; ++i)
             int8_rows256_q_chunk<1>(v, s, k, q + i * ldq, ldq, qs + i, out + i * n, n, row);
         }
       }

@@ -1,0 +1,138 @@
+"""Speculative decoding gives exactly plain decoding's output; the thread tuner picks the faster."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from openafm.runtime import Engine, PromptLookup, SamplingParams
+from openafm.runtime.speculative import next_draft_length, verify
+from openafm.runtime.threads import ThreadTuner
+from tests.conftest import FIXTURES, byte_tokenizer
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
+    lookup = PromptLookup(max_draft=4, max_ngram=3)
+    seq = [1, 2, 3, 9, 9, 5, 1, 2, 3, 7, 8, 6, 1, 2, 3]
+    assert lookup.propose(seq, 10) == [7, 8, 6, 1]  # the later of the two [1, 2, 3]
+    assert lookup.propose(seq, 2) == [7, 8]
+    assert lookup.propose([4, 5, 6], 4) == []
+    assert lookup.propose([5, 6, 0, 5], 4) == [6, 0, 5]  # a 1-gram when no longer one matches
+    assert PromptLookup(min_ngram=2).propose([5, 6, 0, 5], 4) == []
+    with pytest.raises(ValueError, match="max_draft"):
+        PromptLookup(max_draft=16)
+
+
+def test_draft_length_grows_on_success_and_shrinks_on_rejection():
+    assert next_draft_length(4, 4, 4, most=8) == 6
+    assert next_draft_length(7, 7, 7, most=8) == 8
+    assert next_draft_length(4, 4, 1, most=8) == 3
+    assert next_draft_length(1, 1, 0, most=8) == 1
+    assert next_draft_length(5, 0, 0, most=8) == 5
+
+
+def test_sampled_verification_keeps_the_model_distribution():
+    """The first token out of `verify` follows p, whether the draft is likely or not."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0]])
+    params = SamplingParams(temperature=1.0)
+    p = logits[0].softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    for drafted in (0, 3):  # the likeliest token, then an unlikely one
+        counts = torch.zeros(5)
+        for _ in range(20000):
+            accepted, token = verify(logits, [drafted], params, gen)
+            counts[drafted if accepted else token] += 1
+        assert (counts / counts.sum() - p).abs().max() < 0.015
+
+
+def _engines(model, tokenizer, **lookup):
+    plain = Engine(model, tokenizer, tune_threads=False)
+    fast = Engine(model, tokenizer, speculation=PromptLookup(**lookup), tune_threads=False)
+    return plain, fast
+
+
+def test_greedy_speculation_is_token_for_token_plain_decoding(tiny):
+    tokenizer = byte_tokenizer()
+    plain, fast = _engines(tiny, tokenizer, max_draft=6)
+    drafted = accepted = 0
+    for text in ("abcabcabcabc", "the cat sat on the mat, the cat", "xyz", "aaaa bbbb aaaa"):
+        ids = fast.encode(text, chat=False)
+        for params in (
+            SamplingParams(max_tokens=40),
+            SamplingParams(max_tokens=7, stop=("a",)),
+            SamplingParams(max_tokens=25, ignore_eos=True),
+        ):
+            want = plain.generate([ids], params)[0]
+            got = fast.generate([ids], params)[0]
+            assert got.token_ids == want.token_ids
+            assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+            assert "".join(fast.stream(ids, params)) == want.text
+            drafted, accepted = drafted + got.draft_tokens, accepted + got.accepted_tokens
+    assert drafted > 0 and 0 < accepted <= drafted
+
+
+def test_seeded_speculative_sampling_is_reproducible(tiny):
+    _, fast = _engines(tiny, byte_tokenizer())
+    ids = fast.encode("abcabcabc", chat=False)
+    params = SamplingParams(max_tokens=30, temperature=0.8, seed=3)
+    assert fast.generate([ids], params)[0].token_ids == fast.generate([ids], params)[0].token_ids
+
+
+@pytest.mark.slow
+def test_speculation_on_the_summarization_features_changes_no_token():
+    from openafm.cli.common import load_named
+    from openafm.features import get_feature
+    from openafm.runtime import engine_for
+
+    drafted = accepted = 0
+    # the shipped adapters on the float base; the palettized model (with its recovery adapter)
+    for model, use_adapter in (("smollm2-135m-instruct", True), ("smollm2-135m-palettized", False)):
+        pretrained = load_named(model)
+        plain = engine_for(pretrained)
+        fast = engine_for(pretrained, speculation=PromptLookup())
+        for name, path in (
+            ("summarize-email", "aeslc_test_head4.jsonl"),
+            ("summarize-dialogue", "dialogsum_test_head3.jsonl"),
+        ):
+            task = get_feature(name)
+            adapter = task.adapter if use_adapter else None
+            lines = (FIXTURES / "summaries" / path).read_text().splitlines()
+            for record in map(json.loads, lines[:2]):
+                ids = plain.tokenizer.encode_chat(task.messages(record))
+                params = SamplingParams(max_tokens=task.max_tokens)
+                want = plain.generate([ids], params, adapters=adapter)[0]
+                got = fast.generate([ids], params, adapters=adapter)[0]
+                assert got.token_ids == want.token_ids, (model, name)
+                drafted, accepted = drafted + got.draft_tokens, accepted + got.accepted_tokens
+    assert accepted > 0
+
+
+def test_thread_tuner_uses_the_faster_count_and_follows_a_change():
+    tuner = ThreadTuner(candidates=(1, 2))
+    slow_threads = [2]  # the count that is slow now
+
+    def run(steps: int) -> list[int]:
+        used = []
+        for _ in range(steps):
+            with tuner.step():
+                used.append(torch.get_num_threads())
+                time.sleep(0.004 if used[-1] == slow_threads[0] else 0.001)
+        return used
+
+    before = torch.get_num_threads()
+    used = run(40)
+    assert torch.get_num_threads() == before  # restored after every step
+    assert tuner.best == 1 and used[-10:] == [1] * 10
+    slow_threads[0] = 1  # the machine changes: one thread becomes the slow choice
+    used = run(40)
+    assert tuner.best == 2 and used[-10:] == [2] * 10
+
+
+def test_one_thread_means_no_tuning():
+    tuner = ThreadTuner(candidates=(1,))
+    assert not tuner.active
+    with tuner.step():
+        pass
