@@ -22,7 +22,7 @@ from openafm.files import sha256_file
 from openafm.train.config import PRESETS, TrainConfigError, load_train_config
 from openafm.train.data import DataError
 from openafm.train.metrics import read_metrics
-from openafm.train.trainer import train
+from openafm.train.trainer import HOLD_ENV, train
 from tests.conftest import FIXTURES, byte_tokenizer
 
 TEXT = FIXTURES / "text" / "pride_and_prejudice_excerpt.txt"
@@ -109,15 +109,16 @@ def test_kill_and_resume_on_another_mesh_follows_the_same_trajectory(tmp_path, t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         _cli(*args, "--out", str(killed), "--mesh", "dp_shard=2", nproc=2),
-        env=env,
+        env={**env, HOLD_ENV: "10"},  # the run waits after step 10's checkpoint: no race
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     first = killed / "checkpoints" / "step-00000010"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.1)
+    time.sleep(0.5)  # both ranks are holding (rank 0 renames the checkpoint into place last)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first.exists(), proc.stderr.read().decode() if proc.stderr else ""

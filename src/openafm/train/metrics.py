@@ -4,13 +4,15 @@ FLOP convention (PaLM's): a trained token costs 6·N + 12·L·H·d·T FLOPs, whe
 parameters that multiply activations (every projection and the output head, not the embedding
 lookup), L the layers, H·d the query width and T the sequence length (attention scores and
 values, forward and backward, causal masking not discounted). MFU is achieved FLOP/s over the
-bf16 matrix-multiply peak measured on the same processes at the start of the run.
+matrix-multiply peak, in the precision the run computes in (bf16, or float32 where it trains in
+float32), measured on the same processes at the start of the run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,11 +33,29 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + attention
 
 
-def measure_matmul_peak(device: torch.device, repeats: int = 5) -> float:
-    """bf16 matrix-multiply FLOP/s of this process (median of `repeats` timed products)."""
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16, AMX, or Arm's BF16).
+
+    Without them PyTorch emulates bf16 products, far slower than float32 (an AVX2-only CPU
+    measured near zero TFLOP/s), so training and prefill should stay in float32 there.
+    """
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return platform.machine() in ("arm64", "aarch64")  # Apple silicon has BF16
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def measure_matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.bfloat16, repeats: int = 5
+) -> float:
+    """Matrix-multiply FLOP/s of this process in `dtype` (median of `repeats` timed products)."""
     n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -52,10 +72,10 @@ def measure_matmul_peak(device: torch.device, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def machine_matmul_peak(device: torch.device) -> float:
+def machine_matmul_peak(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
     """The peak of all processes together, measured at once (on a CPU they share the cores)."""
     dist.barrier()
-    peak = torch.tensor([measure_matmul_peak(device)], dtype=torch.float64)
+    peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64)
     dist.all_reduce(peak)
     return float(peak.item())
 

@@ -9,6 +9,7 @@ the weights exported in the Hugging Face layout into the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -37,7 +38,12 @@ from openafm.train.context_parallel import apply_context_parallel, shard_sequenc
 from openafm.train.data import BatchOrder, DataError, held_out_batches, load_windows
 from openafm.train.distill import distillation_loss
 from openafm.train.mesh import MESH_DIMS, MeshSpec, build_mesh, data_parallel_rank
-from openafm.train.metrics import MetricsLog, flops_per_token, machine_matmul_peak
+from openafm.train.metrics import (
+    MetricsLog,
+    cpu_has_bf16_units,
+    flops_per_token,
+    machine_matmul_peak,
+)
 from openafm.train.optim import RMSPropMomentum
 from openafm.train.parallel import apply_fsdp, apply_tensor_parallel
 
@@ -304,6 +310,9 @@ def _train(
 ) -> RunSummary:
     # under bf16 autocast the norms see bf16 inputs and float32 weights; PyTorch says so per call
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+    if config.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
+        log.warning("this CPU has no bf16 units (emulated bf16 is slower): training in float32")
+        config = dataclasses.replace(config, precision="fp32")
     world, rank, mc = dist.get_world_size(), dist.get_rank(), config.model_config
     mesh = build_mesh(spec, world, device.type)
     sizes = dict(zip(MESH_DIMS, mesh.shape, strict=True))
@@ -330,7 +339,9 @@ def _train(
     start = _restore(checkpointer, model, optimizer, windows.fingerprint()) if resume else 0
     metrics.truncate_after(start)
 
-    peak = machine_matmul_peak(device)
+    peak = machine_matmul_peak(
+        device, torch.bfloat16 if config.precision == "bf16" else torch.float32
+    )
     per_token = flops_per_token(mc, config.seq_len)
     tokens_per_step = config.batch_size * config.seq_len
     meta = {"model_config": mc.to_dict(), "data": windows.fingerprint(), "mesh": sizes}
@@ -364,6 +375,7 @@ def _train(
             on_step(record)
         if save and ((step + 1) % config.checkpoint_every == 0 or last):
             checkpointer.save(step + 1, model, optimizer, meta)
+            _hold_if_asked(step + 1, checkpointer)
     checkpointer.wait()
     if save and (start < config.steps or not (out / "model.safetensors").exists()):
         export_weights(model, out, tokenizer)
@@ -381,6 +393,19 @@ def _train(
         world_size=world,
         mesh=sizes,
     )
+
+
+HOLD_ENV = "OPENAFM_TRAIN_HOLD_AFTER"
+"""For kill tests: after the checkpoint of this step is complete, wait (to be killed) instead of
+going on, so a test kills the run at a point it chose rather than at a point it raced to."""
+
+
+def _hold_if_asked(step: int, checkpointer: Checkpointer) -> None:
+    if os.environ.get(HOLD_ENV) == str(step):
+        checkpointer.wait()
+        log.info("holding after the checkpoint of step %d (%s)", step, HOLD_ENV)
+        while True:
+            time.sleep(1)
 
 
 def _restore(

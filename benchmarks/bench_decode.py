@@ -1,0 +1,420 @@
+"""Decode speed of the palettized model against the dense model and llama.cpp, as JSON.
+
+Everything is measured in this one run and compared as ratios: batch-1 decode of the dense
+float32 base and of the palettized model (each kernel mode), with 1 thread, 2 threads and the
+engine's timed choice, on a quiet machine and beside a CPU-bound process; prefill; resident
+memory against the compressed tensor bytes; decode against its memory-bandwidth bound; the
+per-operation time split; speculative decoding on AESLC e-mails (summarize-email); and, where
+`llama-cpp-python` is installed (by hand; not a dependency), llama.cpp on the same GGUF.
+Each measurement runs in its own process; figures are medians of `--repeats` runs.
+
+    python benchmarks/bench_decode.py [--repeats 3] [--emails 20] [--aeslc FILE] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PALETTIZED = "smollm2-135m-palettized"
+DENSE = "smollm2-135m-instruct"
+PROMPT_TOKENS = 64
+PREFILL_TOKENS = 256
+NEW_TOKENS = 128
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi", "avx512_bf16")
+FLAGS += ("amx_tile", "amx_bf16")
+TEXT = (
+    "The on-device model reads a message, finds what matters, and writes a short summary that a "
+    "person can read at a glance. It must run on a phone with little memory, so its weights are "
+    "compressed and small adapters specialise it for each task. "
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next(
+        (line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), []
+    )
+    model = next(
+        (line.split(":")[1].strip() for line in info.splitlines() if "model name" in line), "?"
+    )
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in FLAGS if f in flags]}
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _ids(tokenizer, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(TEXT)
+    return ids[:n]
+
+
+def read_bandwidth(threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    src = torch.ones(128 * 1024 * 1024)
+    src.sum()
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t)
+    return src.nbytes / statistics.median(times)
+
+
+def bytes_per_token(model) -> int:
+    """Bytes a one-token step reads: every projection's stored form, the head, norms, adapters."""
+    from openafm.model import Linear
+    from openafm.model.compressed import Int8Rows, PalettizedWeight
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, PalettizedWeight):
+            total += module.memory_bytes()
+        elif isinstance(module, Int8Rows):
+            total += module.values.nbytes + module.scale.nbytes
+        elif isinstance(module, Linear):
+            if module.weight is not None and not (
+                module is model.output and model.config.tie_embeddings
+            ):
+                total += module.weight.nbytes
+            if module.delta is not None:
+                total += module.delta.a.nbytes + module.delta.b.nbytes
+    total += sum(p.nbytes for n, p in model.named_parameters() if "norm" in n)
+    if model.config.tie_embeddings and model.output.weight is not None:
+        total += model.output.weight.nbytes
+    return total
+
+
+def run_decode(model_name: str, kernel: str, threads: str, repeats: int, new_tokens: int) -> dict:
+    import torch
+
+    from openafm import kernels
+    from openafm.cli.common import load_named
+    from openafm.runtime import Engine, SamplingParams
+
+    if threads != "auto":
+        torch.set_num_threads(int(threads))
+    kernels.set_mode(kernel)
+    before = _rss()
+    pretrained = load_named(model_name)
+    engine = Engine(pretrained.model, pretrained.tokenizer, tune_threads=threads == "auto")
+    ids = _ids(pretrained.tokenizer, PROMPT_TOKENS)
+    engine.generate([ids[:8]], SamplingParams(max_tokens=4))
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    runs = [engine.generate([ids], params)[0] for _ in range(repeats)]
+    prefill_ids = _ids(pretrained.tokenizer, PREFILL_TOKENS)
+    prefill = [
+        engine.generate([prefill_ids], SamplingParams(max_tokens=1))[0] for _ in range(repeats)
+    ]
+    weights_dir = pretrained.path
+    on_disk = (
+        sum(f.stat().st_size for f in weights_dir.rglob("*.safetensors"))
+        if weights_dir.is_dir()
+        else 0
+    )
+    return {
+        "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
+        "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in prefill),
+        "bytes_per_token": bytes_per_token(pretrained.model),
+        "resident_model_bytes": _rss() - before,
+        "tensor_bytes_on_disk": on_disk,
+        "kernel": kernels.mode(),
+        "instruction_set": kernels.isa(),
+    }
+
+
+OP_GROUPS = {
+    "projections": ("openafm::lut_linear", "aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),
+    "head": ("openafm::int8_linear",),
+    "attention": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_attention_math",
+    ),
+    "norms": ("openafm::rms_norm", "aten::_fused_rms_norm", "aten::rms_norm"),
+}
+
+
+def run_profile(model_name: str, kernel: str, tokens: int) -> dict:
+    """Milliseconds per decode token by operation group (`other`: the rest, Python included)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from openafm import kernels
+    from openafm.cli.common import load_named
+    from openafm.model import KVCache
+
+    torch.set_num_threads(2)
+    kernels.set_mode(kernel)
+    pretrained = load_named(model_name)
+    model = pretrained.model
+    ids = torch.tensor([_ids(pretrained.tokenizer, PROMPT_TOKENS)])
+    cache = KVCache(model.config.n_layers, 1, PROMPT_TOKENS + tokens + 1)
+    with torch.inference_mode():
+        token = model(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        model(token, cache, last_only=True)
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(tokens):
+                token = model(token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        wall = (time.perf_counter() - start) / tokens * 1e3
+    split = dict.fromkeys(OP_GROUPS, 0.0)
+    for event in prof.key_averages():
+        for group, names in OP_GROUPS.items():
+            if event.key in names:
+                split[group] += event.self_cpu_time_total / 1e3 / tokens
+    if model_name == DENSE:  # the dense head is a matrix product too: its share by FLOPs
+        share = model.config.vocab_size / (
+            model.config.vocab_size + model.config.num_params(embeddings=False) / model.config.dim
+        )
+        split["head"] = split["projections"] * share
+        split["projections"] -= split["head"]
+    split["other"] = max(0.0, wall - sum(split.values()))
+    return {"ms_per_token_profiled": wall, "ms": {k: round(v, 3) for k, v in split.items()}}
+
+
+def run_speculation(model_name: str, aeslc: str, emails: int) -> dict:
+    import torch
+
+    from openafm.cli.common import load_named
+    from openafm.features import get_feature
+    from openafm.runtime import PromptLookup, SamplingParams, engine_for
+
+    torch.set_num_threads(2)
+    task = get_feature("summarize-email")
+    pretrained = load_named(model_name)
+    adapter = task.adapter if model_name == DENSE else None  # shipped adapters fit the float base
+    plain = engine_for(pretrained)
+    fast = engine_for(pretrained, speculation=PromptLookup())
+    records = [json.loads(line) for line in Path(aeslc).read_text().splitlines()[:emails]]
+    prompts = [plain.tokenizer.encode_chat(task.messages(r)) for r in records]
+    params = SamplingParams(max_tokens=task.max_tokens)
+    plain.generate(prompts[:1], params, adapters=adapter)
+    out: dict[str, dict] = {}
+    identical = 0
+    for name, engine in (("plain", plain), ("speculative", fast)):
+        tokens = seconds = drafted = accepted = 0.0
+        results = []
+        for ids in prompts:
+            c = engine.generate([ids], params, adapters=adapter)[0]
+            results.append(c.token_ids)
+            if c.completion_tokens > 1 and c.decode_tokens_per_s > 0:
+                tokens += c.completion_tokens - 1
+                seconds += (c.completion_tokens - 1) / c.decode_tokens_per_s
+            drafted += c.draft_tokens
+            accepted += c.accepted_tokens
+        out[name] = {"decode_tokens_per_s": tokens / seconds, "tokens": results}
+        if name == "speculative":
+            out[name]["acceptance_rate"] = accepted / drafted if drafted else 0.0
+            out[name]["accepted_per_step"] = accepted / max(1.0, tokens - accepted)
+    identical = sum(
+        a == b
+        for a, b in zip(out["plain"].pop("tokens"), out["speculative"].pop("tokens"), strict=True)
+    )
+    return {
+        "adapter": adapter,
+        "emails": len(prompts),
+        "identical_outputs": identical,
+        "plain_decode_tokens_per_s": out["plain"]["decode_tokens_per_s"],
+        "speculative_decode_tokens_per_s": out["speculative"]["decode_tokens_per_s"],
+        "speedup": out["speculative"]["decode_tokens_per_s"] / out["plain"]["decode_tokens_per_s"],
+        "acceptance_rate": out["speculative"]["acceptance_rate"],
+    }
+
+
+def run_llama_cpp(repeats: int, new_tokens: int) -> dict:
+    from llama_cpp import Llama
+
+    from openafm.io import resolve_model
+    from openafm.runtime import load_tokenizer_for
+
+    tokenizer = load_tokenizer_for()
+    llm = Llama(
+        str(resolve_model()), n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512, verbose=False
+    )
+    ids, prefill_ids = _ids(tokenizer, PROMPT_TOKENS), _ids(tokenizer, PREFILL_TOKENS)
+    prefill, decode = [], []
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prefill_ids)
+        prefill.append(PREFILL_TOKENS / (time.perf_counter() - t))
+        llm.reset()
+        llm.eval(ids)
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        t = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([token])
+            token = int(llm.scores[llm.n_tokens - 1].argmax())
+        decode.append((new_tokens - 1) / (time.perf_counter() - t))
+    return {
+        "decode_tokens_per_s": statistics.median(decode),
+        "prefill_tokens_per_s": statistics.median(prefill),
+    }
+
+
+def worker(args: argparse.Namespace) -> dict:
+    kind, *rest = args.worker.split(":")
+    if kind == "bandwidth":
+        return {
+            "read_bytes_per_s_1_thread": read_bandwidth(1),
+            "read_bytes_per_s_2_threads": read_bandwidth(2),
+        }
+    if kind == "decode":
+        model, kernel, threads = rest
+        tokens = args.new_tokens if kernel != "reference" else 8  # the old path: ~1 token/s
+        return run_decode(
+            model, kernel, threads, args.repeats if kernel != "reference" else 1, tokens
+        )
+    if kind == "profile":
+        return run_profile(rest[0], rest[1], 8 if rest[1] == "reference" else 32)
+    if kind == "speculation":
+        return run_speculation(rest[0], args.aeslc, args.emails)
+    if kind == "llama.cpp":
+        return run_llama_cpp(args.repeats, args.new_tokens)
+    raise ValueError(args.worker)
+
+
+def spawn(name: str, args: argparse.Namespace) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats)]
+    cmd += [
+        "--new-tokens",
+        str(args.new_tokens),
+        "--aeslc",
+        args.aeslc,
+        "--emails",
+        str(args.emails),
+    ]
+    print(f"  {name}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def with_busy_neighbour(names: list[str], args: argparse.Namespace) -> dict:
+    """Run each measurement while another process keeps one core busy."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        return {name: spawn(name, args) for name in names}
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+def _ratio(a: dict | None, b: dict | None, key: str = "decode_tokens_per_s") -> float | None:
+    return None if not a or not b or not b.get(key) else a[key] / b[key]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--emails", type=int, default=20)
+    parser.add_argument(
+        "--aeslc", default=str(ROOT / "tests/fixtures/summaries/aeslc_test_head4.jsonl")
+    )
+    parser.add_argument("--skip-contention", action="store_true")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    machine = {**cpu(), **(spawn("bandwidth", args) or {})}
+    threads = ("1", "2", "auto")
+    quiet_names = [f"decode:{DENSE}:default:{t}" for t in threads]
+    quiet_names += [f"decode:{PALETTIZED}:{k}:{t}" for k in ("default", "exact") for t in threads]
+    quiet = {name: spawn(name, args) for name in [*quiet_names, f"decode:{PALETTIZED}:reference:2"]}
+    busy = (
+        {}
+        if args.skip_contention
+        else with_busy_neighbour(
+            [f"decode:{m}:default:{t}" for m in (DENSE, PALETTIZED) for t in threads], args
+        )
+    )
+    profiles = {
+        "palettized_before (reference)": spawn(f"profile:{PALETTIZED}:reference", args),
+        "palettized_after (default)": spawn(f"profile:{PALETTIZED}:default", args),
+        "dense": spawn(f"profile:{DENSE}:default", args),
+    }
+    speculation = {m: spawn(f"speculation:{m}", args) for m in (PALETTIZED, DENSE)}
+    try:
+        import llama_cpp  # noqa: F401
+
+        llama = spawn("llama.cpp", args)
+    except ImportError:
+        llama = None
+
+    def q(model: str, kernel: str = "default", t: str = "2") -> dict | None:
+        return quiet.get(f"decode:{model}:{kernel}:{t}")
+
+    pal, dense = q(PALETTIZED), q(DENSE)
+    bandwidth = machine.get("read_bytes_per_s_2_threads", 0.0)
+    targets = {
+        "palettized_vs_dense_decode": _ratio(pal, dense),
+        "palettized_vs_llama_cpp_decode": _ratio(pal, llama),
+        "palettized_fraction_of_bandwidth_bound": pal["decode_tokens_per_s"]
+        * pal["bytes_per_token"]
+        / bandwidth
+        if pal and bandwidth
+        else None,
+        "palettized_vs_dense_prefill": _ratio(pal, dense, "prefill_tokens_per_s"),
+        "palettized_resident_vs_tensor_bytes": pal["resident_model_bytes"]
+        / pal["tensor_bytes_on_disk"]
+        if pal and pal["tensor_bytes_on_disk"]
+        else None,
+        "speculative_speedup_palettized": (speculation.get(PALETTIZED) or {}).get("speedup"),
+        "speculative_speedup_dense_with_adapter": (speculation.get(DENSE) or {}).get("speedup"),
+        "palettized_new_vs_reference_decode": _ratio(pal, q(PALETTIZED, "reference")),
+    }
+    contention = {}
+    for model in (DENSE, PALETTIZED):
+        for condition, table in (("quiet", quiet), ("busy", busy)):
+            runs = {t: table.get(f"decode:{model}:default:{t}") for t in threads}
+            if all(runs.values()):
+                best = max(runs["1"]["decode_tokens_per_s"], runs["2"]["decode_tokens_per_s"])
+                contention[f"{model} {condition}"] = {
+                    **{f"{t}_threads": round(r["decode_tokens_per_s"], 2) for t, r in runs.items()},
+                    "auto_vs_best": runs["auto"]["decode_tokens_per_s"] / best,
+                }
+    report = {
+        "machine": machine,
+        "setup": {
+            "prompt_tokens": PROMPT_TOKENS,
+            "prefill_tokens": PREFILL_TOKENS,
+            "new_tokens": args.new_tokens,
+            "batch": 1,
+            "repeats": args.repeats,
+        },
+        "targets": targets,
+        "contention": contention,
+        "decode": {"quiet": quiet, "busy_neighbour": busy},
+        "op_split_ms_per_token": profiles,
+        "speculation_aeslc": speculation,
+        "llama_cpp_q4_1": llama,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
