@@ -5,7 +5,8 @@
 - `lut_dequantize`: the dense matrix of a palettized weight (prefill: then a GEMM);
 - `int8_linear`: products with int8 rows and a scale per row (the 8-bit output head).
 
-- `rms_norm`: RMSNorm of a few rows (one call instead of six small PyTorch operations).
+- `rms_norm`, `rope`: RMSNorm and rotary embedding in one call each (instead of six or seven
+  small PyTorch operations, whose dispatch dominates one-token steps).
 
 `mode()` says how products are computed: `exact` (native, float32 tables and activations: the
 dequantize-then-matmul result to float32 rounding), `default` (native, for speed at negligible
@@ -116,6 +117,28 @@ def lut_linear(
     return y if lora is None else y + reference.low_rank(x, *lora)
 
 
+def lut_linear_many(
+    x: torch.Tensor,
+    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int]],
+    loras: list[tuple[torch.Tensor, torch.Tensor, float] | None],
+    *,
+    isa: str = "best",
+) -> list[torch.Tensor]:
+    """`lut_linear` for several weights of the same input (q/k/v, gate/up) in one call: each
+    weight is (planes, tables, scale, bits, group, out_features), with its optional LoRA."""
+    if not native():
+        return [
+            lut_linear(x, *w, lora=lora, isa=isa) for w, lora in zip(weights, loras, strict=True)
+        ]
+    planes, tables, scales, bits, groups, outs = (list(c) for c in zip(*weights, strict=True))
+    a = [None if lora is None else lora[0] for lora in loras]
+    b = [None if lora is None else lora[1] for lora in loras]
+    s = [1.0 if lora is None else lora[2] for lora in loras]
+    return torch.ops.openafm.lut_linear_many(
+        x, planes, tables, scales, bits, groups, outs, ISA_CODES[isa], a, b, s
+    )
+
+
 def lut_dequantize(
     planes: torch.Tensor,
     tables: torch.Tensor,
@@ -144,6 +167,13 @@ def int8_linear(
     return reference.int8_linear(x, values, scale)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, "rotate half" layout (float32; see `reference.rope`)."""
+    if native():
+        return torch.ops.openafm.rope(x, cos, sin)
+    return reference.rope(x, cos, sin)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (float32)."""
     if native():
@@ -160,11 +190,13 @@ __all__ = [
     "load_native",
     "lut_dequantize",
     "lut_linear",
+    "lut_linear_many",
     "mode",
     "native",
     "planes_nbytes",
     "repack",
     "rms_norm",
+    "rope",
     "set_mode",
     "supported_isas",
     "unpack",

@@ -55,3 +55,9 @@ def low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) ->
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension, times `weight` (float32)."""
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + rotate_half(x) * sin`, where rotate_half(x) = (-x2, x1) for halves x1, x2."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin

@@ -218,6 +218,25 @@ class PalettizedWeight(nn.Module):
             w = w * self.scale.to(dtype).unsqueeze(1)
         return w
 
+    def native_product(
+        self, x: torch.Tensor, delta: LowRankUpdate | None
+    ) -> tuple[tuple, tuple[torch.Tensor, torch.Tensor, float] | None] | None:
+        """What the native kernel needs for `x Wᵀ (+ delta(x))`: (weight, LoRA), or None when
+        this product must take the PyTorch path (training, tracing, prefill, an odd width or an
+        adapter the kernel cannot add)."""
+        rows = _kernel_rows(x) if self.dense_cache is None else None
+        if (
+            rows is None
+            or rows > kernels.MAX_KERNEL_ROWS
+            or self.bits not in kernels.SUPPORTED_BITS
+        ):
+            return None
+        lora = None if delta is None else _fusable(delta)
+        if delta is not None and lora is None:
+            return None
+        self.repack()
+        return self._kernel_args, lora
+
     def linear(self, x: torch.Tensor, delta: LowRankUpdate | None = None) -> torch.Tensor:
         """`x Wᵀ`, plus `delta(x)` (an adapter), which the native kernel adds itself if it can."""
         rows = _kernel_rows(x) if self.dense_cache is None else None

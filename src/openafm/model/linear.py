@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openafm import kernels
 from openafm.model.compressed import Int8Rows, PalettizedWeight
 
 CompressedWeight = PalettizedWeight | Int8Rows
@@ -92,6 +93,33 @@ class Linear(nn.Linear):
         if self.delta is not None:
             y = y + self.delta(x)
         return y
+
+
+FUSE = True
+
+
+def project(x: torch.Tensor, *projections: Linear) -> tuple[torch.Tensor, ...]:
+    """The outputs of several projections of the same input (q/k/v, gate/up).
+
+    When every one is palettized and computes natively (inference, a few rows, no hooks), they
+    run as one native call: one dispatch and one parallel region instead of one each. Otherwise
+    each projection is called as usual.
+    """
+    plans = []
+    for p in projections:
+        if not FUSE or not isinstance(p.compressed, PalettizedWeight) or p.bias is not None:
+            break
+        if p._forward_hooks or p._forward_pre_hooks:
+            break
+        plan = p.compressed.native_product(x, p.delta)
+        if plan is None:
+            break
+        plans.append(plan)
+    else:
+        weights, loras = zip(*plans, strict=True)
+        ys = kernels.lut_linear_many(x.float(), list(weights), list(loras))
+        return tuple(y.to(x.dtype) for y in ys)
+    return tuple(p(x) for p in projections)
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:

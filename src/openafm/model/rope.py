@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from openafm import kernels
+
 
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables; `forward(positions)` gathers rows for the given positions."""
@@ -49,4 +51,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and kernels.native()
+    ):
+        return kernels.rope(x, cos, sin)  # one call, the same values to the bit
     return (x * cos + rotate_half(x) * sin).to(x.dtype)

@@ -16,7 +16,7 @@ from torch import nn
 
 from openafm.model.config import ModelConfig
 from openafm.model.kv_cache import KVCache
-from openafm.model.linear import Linear
+from openafm.model.linear import Linear, project
 from openafm.model.norm import RMSNorm
 from openafm.model.rope import RotaryEmbedding, apply_rope
 
@@ -43,9 +43,10 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (
+            y.view(b, t, -1, self.head_dim).transpose(1, 2)
+            for y in project(x, self.q, self.k, self.v)
+        )
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -69,7 +70,8 @@ class MLP(nn.Module):
         self.down = Linear(config.ffn_dim, config.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = project(x, self.gate, self.up)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -56,13 +56,15 @@ class ThreadTuner:
             return
         threads = self._next_threads()
         before = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        if threads != before:
+            torch.set_num_threads(threads)
         start = time.perf_counter()
         try:
             yield
         finally:
             self._record(threads, time.perf_counter() - start)
-            torch.set_num_threads(before)
+            if threads != before:
+                torch.set_num_threads(before)
 
     def _record(self, threads: int, seconds: float) -> None:
         if self._plan:

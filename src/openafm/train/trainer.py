@@ -404,8 +404,10 @@ def _hold_if_asked(step: int, checkpointer: Checkpointer) -> None:
     if os.environ.get(HOLD_ENV) == str(step):
         checkpointer.wait()
         log.info("holding after the checkpoint of step %d (%s)", step, HOLD_ENV)
-        while True:
-            time.sleep(1)
+        parent = os.getppid()
+        while os.getppid() == parent:  # a killed launcher must not leave its workers behind
+            time.sleep(0.2)
+        os._exit(1)
 
 
 def _restore(

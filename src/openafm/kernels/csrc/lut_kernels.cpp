@@ -710,31 +710,80 @@ LowRank low_rank(const at::Tensor& flat_x, const std::optional<at::Tensor>& a,
   return lr;
 }
 
+// One product of `lut_linear_many`: a weight, its optional LoRA update, its output.
+struct Product {
+  Lut w;
+  LutTiles run;
+  LowRank lr;
+  at::Tensor y;  // (m, out_features)
+};
+
+// y_i = x W_iᵀ (+ lora_scale_i · (x A_iᵀ) B_iᵀ) for several palettized W_i of the same input
+// (q/k/v, gate/up): one parallel region over all their row tiles; x (..., in_features) float32.
+std::vector<at::Tensor> lut_linear_many(
+    const at::Tensor& x, at::TensorList planes, at::TensorList tables,
+    const c10::List<std::optional<at::Tensor>>& scales, at::IntArrayRef bits,
+    at::IntArrayRef groups, at::IntArrayRef out_features, int64_t isa,
+    const c10::List<std::optional<at::Tensor>>& lora_a,
+    const c10::List<std::optional<at::Tensor>>& lora_b, at::ArrayRef<double> lora_scales) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu(), "lut_linear: x must be float32 on CPU");
+  const size_t n = planes.size();
+  TORCH_CHECK(n >= 1 && tables.size() == n && scales.size() == n && bits.size() == n &&
+                  groups.size() == n && out_features.size() == n && lora_a.size() == n &&
+                  lora_b.size() == n && lora_scales.size() == n,
+              "lut_linear: give every argument list one entry per weight");
+  const int64_t in_features = x.size(-1);
+  const int64_t chosen = resolve_isa(isa);
+  const at::Tensor flat = x.reshape({-1, in_features}).contiguous();
+  const int64_t m = flat.size(0);
+  std::vector<Product> products;
+  std::vector<int64_t> first_tile{0};  // prefix sums of the tiles
+  products.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::optional<at::Tensor> scale = scales.get(i);
+    const Lut w = check_lut(planes[i], tables[i], scale, bits[i], groups[i], out_features[i],
+                            in_features);
+    products.push_back(Product{w, lut_tiles_for(chosen, bits[i]),
+                               low_rank(flat, lora_a.get(i), lora_b.get(i), lora_scales[i],
+                                        out_features[i]),
+                               at::empty({m, out_features[i]}, x.options())});
+    first_tile.push_back(first_tile.back() + w.tiles);
+  }
+  const int64_t blocks = products[0].w.blocks;
+  const at::Tensor xp = padded_activations(flat, blocks * kBlock);
+  const Acts acts{xp.data_ptr<float>(), m, xp.size(1)};
+  const int64_t grain = std::max<int64_t>(1, kGrainWeights / (kRows * blocks * kBlock * m));
+  at::parallel_for(0, first_tile.back(), grain, [&](int64_t g0, int64_t g1) {
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t t0 = std::max(g0, first_tile[i]) - first_tile[i];
+      const int64_t t1 = std::min(g1, first_tile[i + 1]) - first_tile[i];
+      if (t0 >= t1) continue;
+      const Product& p = products[i];
+      const int64_t rows = p.w.rows;
+      float* out = p.y.data_ptr<float>();
+      p.run(p.w, acts, out, rows, t0, t1);
+      if (p.lr.b != nullptr) {
+        add_low_rank(p.lr.u.data_ptr<float>(), p.lr.b, p.lr.rank, p.lr.scale, m, out, rows,
+                     t0 * kRows, std::min(t1 * kRows, rows));
+      }
+    }
+  });
+  std::vector<at::Tensor> ys;
+  for (Product& p : products) ys.push_back(p.y.view(output_shape(x, p.w.rows)));
+  return ys;
+}
+
 // y = x Wᵀ (+ lora_scale · (x Aᵀ) Bᵀ) for a palettized W; x (..., in_features) float32.
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tables,
                       const std::optional<at::Tensor>& scale, int64_t bits, int64_t group,
                       int64_t out_features, int64_t isa, const std::optional<at::Tensor>& lora_a,
                       const std::optional<at::Tensor>& lora_b, double lora_scale) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu(), "lut_linear: x must be float32 on CPU");
-  const int64_t in_features = x.size(-1);
-  const Lut w = check_lut(planes, tables, scale, bits, group, out_features, in_features);
-  const LutTiles run = lut_tiles_for(resolve_isa(isa), bits);
-  const at::Tensor flat = x.reshape({-1, in_features}).contiguous();
-  const LowRank lr = low_rank(flat, lora_a, lora_b, lora_scale, out_features);
-  const at::Tensor xp = padded_activations(flat, w.blocks * kBlock);
-  const int64_t m = xp.size(0);
-  at::Tensor y = at::empty({m, out_features}, x.options());
-  const Acts acts{xp.data_ptr<float>(), m, xp.size(1)};
-  float* out = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, kGrainWeights / (kRows * w.blocks * kBlock * m));
-  at::parallel_for(0, w.tiles, grain, [&](int64_t t0, int64_t t1) {
-    run(w, acts, out, out_features, t0, t1);
-    if (lr.b != nullptr) {
-      add_low_rank(lr.u.data_ptr<float>(), lr.b, lr.rank, lr.scale, m, out, out_features,
-                   t0 * kRows, std::min(t1 * kRows, out_features));
-    }
-  });
-  return y.view(output_shape(x, out_features));
+  c10::List<std::optional<at::Tensor>> scales, as, bs;
+  scales.push_back(scale);
+  as.push_back(lora_a);
+  bs.push_back(lora_b);
+  return lut_linear_many(x, {planes}, {tables}, scales, {bits}, {group}, {out_features}, isa, as,
+                         bs, {lora_scale})[0];
 }
 
 // The dense float32 matrix (out_features, in_features) of a palettized weight (for prefill).
@@ -860,6 +909,42 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y.view(x.sizes());
 }
 
+// Rotary position embedding ("rotate half" layout): x (B, H, T, D) float32; cos and sin
+// broadcast to (B, 1, T, D). The same two products and one sum per element as PyTorch's
+// `x * cos + rotate_half(x) * sin`, so the result is the same to the bit.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat && x.is_cpu() && x.size(3) % 2 == 0,
+              "rope: float32 CPU x of shape (B, H, T, D) with an even D");
+  const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3), half = d / 2;
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor c = cos.contiguous().expand({b, 1, t, d});
+  const at::Tensor s = sin.contiguous().expand({b, 1, t, d});
+  at::Tensor out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t cb = c.stride(0), ct = c.stride(2), sb = s.stride(0), st = s.stride(2);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < h; ++j)
+      for (int64_t k = 0; k < t; ++k) {
+        const float* xr = xp + ((i * h + j) * t + k) * d;
+        const float* cr = cp + i * cb + k * ct;
+        const float* sr = sp + i * sb + k * st;
+        float* o = op + ((i * h + j) * t + k) * d;
+        for (int64_t e = 0; e < half; ++e) {
+          const float lo = xr[e] * cr[e];
+          const float lo_rot = -xr[e + half] * sr[e];
+          o[e] = lo + lo_rot;
+          const float hi = xr[e + half] * cr[e + half];
+          const float hi_rot = xr[e] * sr[e + half];
+          o[e + half] = hi + hi_rot;
+        }
+      }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(openafm, m) {
@@ -868,18 +953,25 @@ TORCH_LIBRARY(openafm, m) {
       "int out_features, int isa=0, Tensor? lora_a=None, Tensor? lora_b=None, "
       "float lora_scale=1.0) -> Tensor");
   m.def(
+      "lut_linear_many(Tensor x, Tensor[] planes, Tensor[] tables, Tensor?[] scales, int[] bits, "
+      "int[] groups, int[] out_features, int isa, Tensor?[] lora_a, Tensor?[] lora_b, "
+      "float[] lora_scales) -> Tensor[]");
+  m.def(
       "lut_dequantize(Tensor planes, Tensor tables, Tensor? scale, int bits, int group, "
       "int out_features, int in_features) -> Tensor");
   m.def(
       "int8_linear(Tensor x, Tensor values, Tensor scale, int isa=0, "
       "bool quantize_activations=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
 }
 
 TORCH_LIBRARY_IMPL(openafm, CPU, m) {
   m.impl("lut_linear", &lut_linear);
+  m.impl("lut_linear_many", &lut_linear_many);
   m.impl("lut_dequantize", &lut_dequantize);
   m.impl("int8_linear", &int8_linear);
   m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
 }
