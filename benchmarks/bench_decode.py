@@ -184,6 +184,41 @@ def run_profile(model_name: str, kernel: str, tokens: int) -> dict:
     return {"ms_per_token_profiled": wall, "ms": {k: round(v, 3) for k, v in split.items()}}
 
 
+def run_decode_quality(tokens: int) -> dict:
+    """KL divergence of the default kernel's next-token distributions from the exact kernel's,
+    decoding one token per step (teacher-forced through the KV cache) over real text."""
+    import torch
+
+    from openafm import kernels
+    from openafm.cli.common import load_named
+    from openafm.model import KVCache
+
+    torch.set_num_threads(2)
+    pretrained = load_named(PALETTIZED)
+    model = pretrained.model
+    text = (ROOT / "tests/fixtures/text/pride_and_prejudice_excerpt.txt").read_text()
+    ids = pretrained.tokenizer.encode(text)[: tokens + 1]
+    logprobs = {}
+    for mode in ("exact", "default"):
+        kernels.set_mode(mode)
+        cache = KVCache(model.config.n_layers, 1, len(ids) + 1)
+        rows = []
+        with torch.inference_mode():
+            for token in ids:
+                rows.append(
+                    model(torch.tensor([[token]]), cache, last_only=True)[0, -1].log_softmax(-1)
+                )
+        logprobs[mode] = torch.stack(rows)
+    exact, fast = logprobs["exact"], logprobs["default"]
+    kld = (exact.exp() * (exact - fast)).sum(-1)
+    return {
+        "positions": len(ids),
+        "kld_default_vs_exact_mean": kld.mean().item(),
+        "kld_default_vs_exact_max": kld.max().item(),
+        "top1_agreement": (exact.argmax(-1) == fast.argmax(-1)).float().mean().item(),
+    }
+
+
 def run_speculation(model_name: str, aeslc: str, emails: int) -> dict:
     import torch
 
@@ -279,6 +314,8 @@ def worker(args: argparse.Namespace) -> dict:
         )
     if kind == "profile":
         return run_profile(rest[0], rest[1], 8 if rest[1] == "reference" else 32)
+    if kind == "quality":
+        return run_decode_quality(256)
     if kind == "speculation":
         return run_speculation(rest[0], args.aeslc, args.emails)
     if kind == "llama.cpp":
@@ -355,6 +392,7 @@ def main() -> None:
         "dense": spawn(f"profile:{DENSE}:default", args),
     }
     speculation = {m: spawn(f"speculation:{m}", args) for m in (PALETTIZED, DENSE)}
+    quality = spawn("quality", args)
     try:
         import llama_cpp  # noqa: F401
 
@@ -408,6 +446,7 @@ def main() -> None:
         "decode": {"quiet": quiet, "busy_neighbour": busy},
         "op_split_ms_per_token": profiles,
         "speculation_aeslc": speculation,
+        "decode_quality": quality,
         "llama_cpp_q4_1": llama,
     }
     text = json.dumps(report, indent=2)

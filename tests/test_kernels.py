@@ -205,3 +205,53 @@ def test_a_damaged_cached_library_is_rebuilt(tmp_path):
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
     assert "rebuilding the native kernels" in second.stderr
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_several_weights_in_one_call_equal_one_call_each(isa):
+    weights, loras = [], []
+    for i, (out, bits, group) in enumerate([(36, 2, 4), (12, 6, 4), (20, 3, 2), (64, 4, 16)]):
+        _, planes, tables, scale = _palettized(out, 100, bits, group, seed=i)
+        weights.append((planes, tables, scale if i % 2 else None, bits, group, out))
+        loras.append((torch.randn(8, 100), torch.randn(out, 8), 0.25) if i < 2 else None)
+    for m in (1, 5):
+        x = torch.randn(m, 100)
+        many = kernels.lut_linear_many(x, weights, loras, isa=isa)
+        for y, w, lora in zip(many, weights, loras, strict=True):
+            assert torch.equal(y, kernels.lut_linear(x, *w, lora=lora, isa=isa))
+
+
+@needs_native
+def test_rotary_embedding_is_bit_identical_to_pytorch():
+    x = torch.randn(2, 7, 5, 64).transpose(1, 2)  # as attention makes it: not contiguous
+    for cos, sin in [(torch.randn(7, 64), torch.randn(7, 64)), (torch.randn(2, 1, 7, 64),) * 2]:
+        assert torch.equal(kernels.rope(x, cos, sin), reference.rope(x, cos, sin))
+
+
+def test_projections_fused_or_not_give_the_same_outputs(tmp_path):
+    from openafm.model import Linear
+    from openafm.model.linear import LowRankDelta, project
+
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for out, bits in [(48, 4), (16, 2), (32, 6)]:
+        layer = Linear(64, out)
+        indices = torch.randint(0, 1 << bits, (out, 64), generator=gen)
+        tables = torch.randn(out // 16, 1 << bits, generator=gen).half()
+        layer.compress(
+            PalettizedWeight(
+                pack_indices(indices, bits), tables, None, bits=bits, group_size=16, in_features=64
+            )
+        )
+        layers.append(layer)
+    layers[0].delta = LowRankDelta(
+        torch.randn(4, 64, generator=gen), torch.randn(48, 4, generator=gen)
+    )
+    x = torch.randn(1, 3, 64, generator=gen)
+    with torch.inference_mode():
+        fused = project(x, *layers)
+        with kernels.using("reference"):
+            separate = project(x, *layers)
+    for a, b in zip(fused, separate, strict=True):
+        _close(a, b)

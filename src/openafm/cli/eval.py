@@ -13,7 +13,15 @@ from rich.progress import Progress
 
 from openafm.adapters.adapter_file import record_evaluation
 from openafm.adapters.registry import find_adapter
-from openafm.cli.common import command_line, err_console, load_named, print_json, user_errors
+from openafm.cli.common import (
+    KernelOption,
+    choose_kernel,
+    command_line,
+    err_console,
+    load_named,
+    print_json,
+    user_errors,
+)
 from openafm.eval import rouge_report
 from openafm.features import feature_for, get_feature, summarize
 from openafm.files import read_jsonl, sha256_file, write_json_atomic
@@ -68,9 +76,11 @@ def summarize_cmd(
             " adapter evaluated, else as 'prompted_base')."
         ),
     ] = None,
+    kernel: KernelOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Summarize each record greedily and report ROUGE-1/2/L with 95% bootstrap intervals."""
+    choose_kernel(kernel)
     with user_errors():
         records = _read_records(data, limit)
         task = get_feature(feature) if feature else feature_for(records)
@@ -145,6 +155,7 @@ def quality_cmd(
     act_int8: Annotated[
         bool, typer.Option(help="Round every projection's input to int8 per token.")
     ] = False,
+    kernel: KernelOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Score MODEL against REFERENCE as llama.cpp's perplexity tool does: both perplexities and
@@ -158,6 +169,7 @@ def quality_cmd(
     from openafm.eval.quality import compare_models
     from openafm.io.compressed_checkpoint import bits_summary
 
+    choose_kernel(kernel)
     with user_errors():
         with err_console.status("loading models…", spinner="dots"):
             scored = load_named(model)

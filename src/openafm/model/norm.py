@@ -1,4 +1,9 @@
-"""RMSNorm, computed by one native call in inference (six small PyTorch operations otherwise)."""
+"""RMSNorm, computed by one native call in inference (six small PyTorch operations otherwise).
+
+The native sum runs in another order than PyTorch's, so results differ in the last bits; it is
+used under `torch.inference_mode` only (the engine's decode), never where a test or a trainer
+compares against PyTorch's own values (`no_grad` included).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ def _native_ok(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and type(weight) in (torch.Tensor, nn.Parameter)
-        and not torch.is_grad_enabled()
+        and torch.is_inference_mode_enabled()
         and not torch.jit.is_tracing()
         and not torch.is_autocast_enabled("cpu")
         and kernels.native()
