@@ -199,6 +199,28 @@ def test_compressed_model_round_trips_through_its_directory(tmp_path):
         load_compressed(out)
 
 
+def test_a_directory_with_wrongly_sized_indices_or_tables_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from openafm.files import sha256_file
+
+    result, _ = _compressed_tiny(tmp_path)
+    out = save_compressed(result.model, tmp_path / "m", made_with={"test": True})
+    weights, meta_path = out / "weights.safetensors", out / "compression.json"
+    original = load_file(weights)
+    name = next(n for n in original if n.endswith("compressed.indices"))
+    for key, bad in [
+        (name, original[name][:, :-1]),  # a packed row too short
+        (name.replace("indices", "lut"), original[name.replace("indices", "lut")][:, :-1]),
+    ]:
+        save_file({**original, key: bad.contiguous()}, weights)
+        meta = json.loads(meta_path.read_text())
+        meta["weights_sha256"] = sha256_file(weights)  # consistent, but the shapes are wrong
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(CompressedModelError, match="do not fit"):
+            load_compressed(out)
+
+
 def test_bits_summary_counts_the_embedding_in_the_total(tmp_path):
     result, _ = _compressed_tiny(tmp_path, bit_widths=(4,), target=5.0)
     s = bits_summary(result.model)

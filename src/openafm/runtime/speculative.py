@@ -29,7 +29,7 @@ class PromptLookup:
 
     max_draft: int = 8
     max_ngram: int = 3
-    min_ngram: int = 1
+    min_ngram: int = 2  # a single repeated token is weak evidence: drafts from it mostly fail
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_draft <= 15:  # verification stays within the kernels' 16 rows

@@ -3,9 +3,10 @@
 On an idle machine two threads decode faster than one; with another CPU-bound process on the
 machine, a parallel region waits for whichever of its threads the scheduler has descheduled, and
 two threads decode 3-4x slower than one (measured here: 10 against 34 tokens/s). No fixed
-setting is right in both cases, and load changes while a user waits. `ThreadTuner` times a few
+setting is right in both cases, and load changes while a user waits. `ThreadTuner` times two
 decode steps with each candidate count, uses the fastest, probes again after an interval that
-doubles while the winner stays the same, and probes at once when steps turn much slower.
+doubles while the winner stays the same (32 to 1,024 steps), and probes at once when the median
+of the last eight steps turns twice as slow.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from contextlib import contextmanager
 
 import torch
 
-PROBE_STEPS = 3  # steps timed per candidate in a probe
-FIRST_INTERVAL = 16  # steps between probes, doubling while the winner repeats...
-MAX_INTERVAL = 256  # ...up to this
-SLOWDOWN = 2.0  # a step this much slower than the winner's probe time...
-SLOW_STEPS = 3  # ...this many times in a row triggers a new probe
+PROBE_STEPS = 2  # steps timed per candidate in a probe
+FIRST_INTERVAL = 32  # steps between probes, doubling while the winner repeats...
+MAX_INTERVAL = 1024  # ...up to this
+WINDOW = 8  # recent steps watched between probes
+SLOWDOWN = 2.0  # their median this much slower than the winner's probe time: probe at once
 
 
 class ThreadTuner:
@@ -36,7 +37,7 @@ class ThreadTuner:
         self._plan: list[int] = self._probe_plan()
         self._times: dict[int, list[float]] = {}
         self._until_probe = 0
-        self._slow = 0
+        self._recent: list[float] = []
 
     @property
     def active(self) -> bool:
@@ -74,10 +75,12 @@ class ThreadTuner:
                 self._decide()
             return
         self._until_probe -= 1
-        self._slow = self._slow + 1 if seconds > SLOWDOWN * self.best_time else 0
-        if self._until_probe <= 0 or self._slow >= SLOW_STEPS:
-            if self._slow >= SLOW_STEPS:
-                self.interval = FIRST_INTERVAL
+        self._recent = [*self._recent[-(WINDOW - 1) :], seconds]
+        slower = (
+            len(self._recent) == WINDOW
+            and statistics.median(self._recent) > SLOWDOWN * self.best_time
+        )
+        if self._until_probe <= 0 or slower:
             self._plan = self._probe_plan()
             self._times = {}
 
@@ -89,4 +92,4 @@ class ThreadTuner:
         )
         self.best, self.best_time = winner, medians[winner]
         self._until_probe = self.interval
-        self._slow = 0
+        self._recent = []
