@@ -97,6 +97,66 @@ def bytes_per_token(model) -> int:
     return total
 
 
+def run_memory(model_name: str) -> dict:
+    """Resident bytes of the loaded model after a short generation (the libraries it needs are
+    imported and the native kernels loaded before the first reading), and the bytes of every
+    tensor the model holds."""
+    from openafm import kernels
+    from openafm.cli.common import load_named
+    from openafm.compress import default_model  # noqa: F401  (imported by load_named)
+    from openafm.runtime import Engine, SamplingParams
+
+    kernels.load_native()
+    before = _rss()
+    pretrained = load_named(model_name)
+    engine = Engine(pretrained.model, pretrained.tokenizer, tune_threads=False)
+    engine.generate([_ids(pretrained.tokenizer, 8)], SamplingParams(max_tokens=4))
+    resident = _rss() - before
+    storages = {}
+    for module in pretrained.model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        tensors += [v for v in vars(module).values() if hasattr(v, "untyped_storage")]
+        delta = getattr(module, "delta", None)
+        if delta is not None:
+            tensors += [delta.a, delta.b]
+        for t in tensors:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    on_disk = sum(f.stat().st_size for f in pretrained.path.rglob("*.safetensors"))
+    return {
+        "resident_model_bytes": resident,
+        "model_tensor_bytes": sum(storages.values()),
+        "tensor_bytes_on_disk": on_disk,
+    }
+
+
+def run_threads(model_name: str, repeats: int, new_tokens: int) -> dict:
+    """Decode with 1 thread, 2 threads and the timed choice, interleaved in one process."""
+    import torch
+
+    from openafm.cli.common import load_named
+    from openafm.runtime import Engine, SamplingParams
+
+    pretrained = load_named(model_name)
+    fixed = Engine(pretrained.model, pretrained.tokenizer, tune_threads=False)
+    auto = Engine(pretrained.model, pretrained.tokenizer, tune_threads=True)
+    ids = _ids(pretrained.tokenizer, PROMPT_TOKENS)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    fixed.generate([ids[:8]], SamplingParams(max_tokens=4))
+    speeds: dict[str, list[float]] = {"1": [], "2": [], "auto": []}
+    for _ in range(repeats):
+        for setting in speeds:
+            torch.set_num_threads(2 if setting == "auto" else int(setting))
+            engine = auto if setting == "auto" else fixed
+            speeds[setting].append(engine.generate([ids], params)[0].decode_tokens_per_s)
+    medians = {k: statistics.median(v) for k, v in speeds.items()}
+    best = max(medians["1"], medians["2"])
+    return {
+        **{f"{k}_threads": v for k, v in medians.items()},
+        "auto_vs_best": medians["auto"] / best,
+    }
+
+
 def run_decode(model_name: str, kernel: str, threads: str, repeats: int, new_tokens: int) -> dict:
     import torch
 
@@ -123,17 +183,10 @@ def run_decode(model_name: str, kernel: str, threads: str, repeats: int, new_tok
         if weights_dir.is_dir()
         else 0
     )
-    # what one more loaded and used model costs, every library already imported and warm
-    before = _rss()
-    second = load_named(model_name)
-    twin = Engine(second.model, second.tokenizer, tune_threads=False)
-    twin.generate([ids[:8]], SamplingParams(max_tokens=4))
-    resident = _rss() - before
     return {
         "decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in runs),
         "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in prefill),
         "bytes_per_token": bytes_per_token(pretrained.model),
-        "resident_model_bytes": resident,
         "tensor_bytes_on_disk": on_disk,
         "kernel": kernels.mode(),
         "instruction_set": kernels.isa(),
@@ -330,6 +383,10 @@ def worker(args: argparse.Namespace) -> dict:
         )
     if kind == "profile":
         return run_profile(rest[0], rest[1], 8 if rest[1] == "reference" else 32)
+    if kind == "memory":
+        return run_memory(rest[0])
+    if kind == "threads":
+        return run_threads(rest[0], args.repeats, args.new_tokens)
     if kind == "quality":
         return run_decode_quality(256)
     if kind == "speculation":
@@ -391,17 +448,14 @@ def main() -> None:
         return
 
     machine = {**cpu(), **(spawn("bandwidth", args) or {})}
-    threads = ("1", "2", "auto")
-    quiet_names = [f"decode:{DENSE}:default:{t}" for t in threads]
-    quiet_names += [f"decode:{PALETTIZED}:{k}:{t}" for k in ("default", "exact") for t in threads]
-    quiet = {name: spawn(name, args) for name in [*quiet_names, f"decode:{PALETTIZED}:reference:2"]}
-    busy = (
-        {}
-        if args.skip_contention
-        else with_busy_neighbour(
-            [f"decode:{m}:default:{t}" for m in (DENSE, PALETTIZED) for t in threads], args
-        )
-    )
+    quiet_names = [f"decode:{DENSE}:default:2"]
+    quiet_names += [f"decode:{PALETTIZED}:{k}:2" for k in ("default", "exact", "reference")]
+    quiet = {name: spawn(name, args) for name in quiet_names}
+    contention = {f"{m} quiet": spawn(f"threads:{m}", args) for m in (DENSE, PALETTIZED)}
+    if not args.skip_contention:
+        busy = with_busy_neighbour([f"threads:{m}" for m in (DENSE, PALETTIZED)], args)
+        contention |= {f"{name.split(':')[1]} busy": r for name, r in busy.items()}
+    memory = spawn(f"memory:{PALETTIZED}", args)
     profiles = {
         "palettized_before (reference)": spawn(f"profile:{PALETTIZED}:reference", args),
         "palettized_after (default)": spawn(f"profile:{PALETTIZED}:default", args),
@@ -430,24 +484,14 @@ def main() -> None:
         if pal and bandwidth
         else None,
         "palettized_vs_dense_prefill": _ratio(pal, dense, "prefill_tokens_per_s"),
-        "palettized_resident_vs_tensor_bytes": pal["resident_model_bytes"]
-        / pal["tensor_bytes_on_disk"]
-        if pal and pal["tensor_bytes_on_disk"]
+        "palettized_model_tensor_bytes_vs_on_disk": memory["model_tensor_bytes"]
+        / memory["tensor_bytes_on_disk"]
+        if memory
         else None,
         "speculative_speedup_palettized": (speculation.get(PALETTIZED) or {}).get("speedup"),
         "speculative_speedup_dense_with_adapter": (speculation.get(DENSE) or {}).get("speedup"),
         "palettized_new_vs_reference_decode": _ratio(pal, q(PALETTIZED, "reference")),
     }
-    contention = {}
-    for model in (DENSE, PALETTIZED):
-        for condition, table in (("quiet", quiet), ("busy", busy)):
-            runs = {t: table.get(f"decode:{model}:default:{t}") for t in threads}
-            if all(runs.values()):
-                best = max(runs["1"]["decode_tokens_per_s"], runs["2"]["decode_tokens_per_s"])
-                contention[f"{model} {condition}"] = {
-                    **{f"{t}_threads": round(r["decode_tokens_per_s"], 2) for t, r in runs.items()},
-                    "auto_vs_best": runs["auto"]["decode_tokens_per_s"] / best,
-                }
     report = {
         "machine": machine,
         "setup": {
@@ -459,7 +503,8 @@ def main() -> None:
         },
         "targets": targets,
         "contention": contention,
-        "decode": {"quiet": quiet, "busy_neighbour": busy},
+        "decode": quiet,
+        "memory": memory,
         "op_split_ms_per_token": profiles,
         "speculation_aeslc": speculation,
         "decode_quality": quality,
