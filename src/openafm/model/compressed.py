@@ -98,11 +98,24 @@ class LowRankUpdate(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+LoraArgs = tuple[torch.Tensor, torch.Tensor, float]
+NativePlan = tuple[tuple, LoraArgs | None]
+
+
 def _plus(y: torch.Tensor, delta: LowRankUpdate | None, x: torch.Tensor) -> torch.Tensor:
     return y if delta is None else y + delta(x)
 
 
-def _fusable(delta: LowRankUpdate | None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+def finish_native(
+    y: torch.Tensor, x: torch.Tensor, delta: LowRankUpdate | None, fused: LoraArgs | None
+) -> torch.Tensor:
+    """A native product's float32 output in the computation's dtype, plus `delta(x)` unless the
+    kernel already added it."""
+    y = y.to(_compute_dtype(x))
+    return y if fused is not None else _plus(y, delta, x)
+
+
+def _fusable(delta: LowRankUpdate | None) -> LoraArgs | None:
     """(A, B, scale) when the native kernel can add this update itself: one adapter for the
     whole batch, float32, and nothing to differentiate."""
     if (
@@ -218,37 +231,27 @@ class PalettizedWeight(nn.Module):
             w = w * self.scale.to(dtype).unsqueeze(1)
         return w
 
-    def native_product(
-        self, x: torch.Tensor, delta: LowRankUpdate | None
-    ) -> tuple[tuple, tuple[torch.Tensor, torch.Tensor, float] | None] | None:
-        """What the native kernel needs for `x Wᵀ (+ delta(x))`: (weight, LoRA), or None when
-        this product must take the PyTorch path (training, tracing, prefill, an odd width or an
-        adapter the kernel cannot add)."""
+    def native_product(self, x: torch.Tensor, delta: LowRankUpdate | None) -> NativePlan | None:
+        """How the native kernel computes `x Wᵀ` (weight arguments, and `delta` when the kernel
+        can add it itself), or None for the PyTorch path (training, tracing, an odd width). The
+        first call repacks the weight into the kernels' layout, which prefill's rebuild of the
+        dense matrix then reads too."""
         rows = _kernel_rows(x) if self.dense_cache is None else None
-        if (
-            rows is None
-            or rows > kernels.MAX_KERNEL_ROWS
-            or self.bits not in kernels.SUPPORTED_BITS
-        ):
-            return None
-        lora = None if delta is None else _fusable(delta)
-        if delta is not None and lora is None:
+        if rows is None or self.bits not in kernels.SUPPORTED_BITS:
             return None
         self.repack()
-        return self._kernel_args, lora
+        if rows > kernels.MAX_KERNEL_ROWS:
+            return None
+        return self._kernel_args, None if delta is None else _fusable(delta)
 
     def linear(self, x: torch.Tensor, delta: LowRankUpdate | None = None) -> torch.Tensor:
         """`x Wᵀ`, plus `delta(x)` (an adapter), which the native kernel adds itself if it can."""
-        rows = _kernel_rows(x) if self.dense_cache is None else None
-        if rows is not None and self.bits in kernels.SUPPORTED_BITS:
-            self.repack()
-            if rows <= kernels.MAX_KERNEL_ROWS:
-                lora = None if delta is None else _fusable(delta)
-                y = kernels.lut_linear(x.float(), *self._kernel_args, lora=lora)
-                y = y.to(_compute_dtype(x))
-                return y if delta is None or lora is not None else y + delta(x)
-        dtype = _compute_dtype(x)
-        return _plus(F.linear(x.to(dtype), self.dequantize(dtype)), delta, x)
+        plan = self.native_product(x, delta)
+        if plan is None:
+            dtype = _compute_dtype(x)
+            return _plus(F.linear(x.to(dtype), self.dequantize(dtype)), delta, x)
+        args, lora = plan
+        return finish_native(kernels.lut_linear(x.float(), *args, lora=lora), x, delta, lora)
 
     def storage_bits(self) -> int:
         """Bits stored on disk: indices, tables and scales."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openafm import kernels
-from openafm.model.compressed import Int8Rows, PalettizedWeight
+from openafm.model.compressed import Int8Rows, PalettizedWeight, finish_native
 
 CompressedWeight = PalettizedWeight | Int8Rows
 
@@ -95,9 +95,6 @@ class Linear(nn.Linear):
         return y
 
 
-FUSE = True
-
-
 def project(x: torch.Tensor, *projections: Linear) -> tuple[torch.Tensor, ...]:
     """The outputs of several projections of the same input (q/k/v, gate/up).
 
@@ -107,7 +104,7 @@ def project(x: torch.Tensor, *projections: Linear) -> tuple[torch.Tensor, ...]:
     """
     plans = []
     for p in projections:
-        if not FUSE or not isinstance(p.compressed, PalettizedWeight) or p.bias is not None:
+        if not isinstance(p.compressed, PalettizedWeight) or p.bias is not None:
             break
         if p._forward_hooks or p._forward_pre_hooks:
             break
@@ -118,7 +115,10 @@ def project(x: torch.Tensor, *projections: Linear) -> tuple[torch.Tensor, ...]:
     else:
         weights, loras = zip(*plans, strict=True)
         ys = kernels.lut_linear_many(x.float(), list(weights), list(loras))
-        return tuple(y.to(x.dtype) for y in ys)
+        return tuple(
+            finish_native(y, x, p.delta, lora)
+            for y, p, lora in zip(ys, projections, loras, strict=True)
+        )
     return tuple(p(x) for p in projections)
 
 
