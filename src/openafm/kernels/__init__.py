@@ -3,8 +3,7 @@
 - `lut_linear`: products with palettized weights (lookup tables + bit-plane indices), for one
   to 16 activation rows (decode, batched decode, speculative verification);
 - `lut_dequantize`: the dense matrix of a palettized weight (prefill: then a GEMM);
-- `int8_linear`: products with int8 rows and a scale per row (the 8-bit output head).
-
+- `int8_linear`: products with int8 rows and a scale per row (the 8-bit output head);
 - `rms_norm`, `rope`: RMSNorm and rotary embedding in one call each (instead of six or seven
   small PyTorch operations, whose dispatch dominates one-token steps).
 
@@ -14,8 +13,8 @@ quality cost: as `exact`, except that the int8 head rounds its activations to in
 relative error ≤ 2^-15 of the row's largest value, and sums in integers) or `reference`
 (PyTorch only). An int16-table variant of the lookup-table kernel (one 16-bit shuffle per 32
 weights) measured no faster on the whole model here (AVX-512, Zen 4), so the lookup tables stay
-float32 in every mode. The native library is compiled on first use (see `build`); `isa()` names the
-instruction set in use.
+float32 in every mode. The native library is compiled on first use (see `build`); `isa()`
+names the instruction set in use.
 """
 
 from __future__ import annotations

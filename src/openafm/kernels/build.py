@@ -30,10 +30,6 @@ CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")
 DISABLE_ENV = "OPENAFM_NATIVE_KERNELS"  # "0" turns the native kernels off
 
 
-class KernelBuildError(RuntimeError):
-    """The native kernels could not be compiled or loaded."""
-
-
 def _home() -> Path:
     return Path(os.environ.get("OPENAFM_HOME") or Path.home() / ".cache" / "openafm")
 

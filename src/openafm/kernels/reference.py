@@ -58,6 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`x * cos + rotate_half(x) * sin`, where rotate_half(x) = (-x2, x1) for halves x1, x2."""
-    first, second = x.chunk(2, dim=-1)
+    """`x * cos + rotate_half(x) * sin`, where rotate_half(x) = (-x2, x1) for halves x1, x2
+    (the model's own formula when the native path does not apply)."""
+    first, second = x.chunk(2, dim=-1)  # (no shape arithmetic: traces for export)
     return x * cos + torch.cat((-second, first), dim=-1) * sin

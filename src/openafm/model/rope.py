@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from openafm import kernels
+from openafm.kernels import reference
 
 
 class RotaryEmbedding(nn.Module):
@@ -45,11 +46,6 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)  # (no shape arithmetic: traces for export)
-    return torch.cat((-second, first), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if (
         x.dtype == torch.float32
@@ -59,4 +55,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         and kernels.native()
     ):
         return kernels.rope(x, cos, sin)  # one call, the same values to the bit
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    return reference.rope(x, cos, sin).to(x.dtype)  # differentiable; traces for export
