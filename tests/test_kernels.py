@@ -79,8 +79,9 @@ def test_the_fused_low_rank_update_equals_two_products(isa):
         x = torch.randn(2, m, 100)  # leading dimensions are kept
         want = reference.lut_linear(x, planes, tables, scale, 4, 4, 36)
         want = want + reference.low_rank(x, a, b, 0.5)
-        got = kernels.lut_linear(x, planes, tables, scale, 4, 4, 36, lora=(a, b, 0.5), isa=isa)
-        _close(got, want)
+        for layout in (b, b.t().contiguous().t()):  # B row-major or column-major
+            lora = (a, layout, 0.5)
+            _close(kernels.lut_linear(x, planes, tables, scale, 4, 4, 36, lora=lora, isa=isa), want)
 
 
 @needs_native

@@ -166,7 +166,8 @@ class LoraAdapter:
     def to(self, dtype: torch.dtype) -> LoraAdapter:
         """A detached copy with tensors in `dtype` (for inference)."""
         pairs = {
-            p: (a.detach().to(dtype), b.detach().to(dtype)) for p, (a, b) in self.pairs.items()
+            p: (a.detach().to(dtype).contiguous(), column_major(b.detach().to(dtype)))
+            for p, (a, b) in self.pairs.items()
         }
         return LoraAdapter(self.name, self.config, pairs, dict(self.metadata))
 
@@ -175,6 +176,13 @@ class LoraAdapter:
         self.check_fits(model)
         scale = self.config.scale
         set_deltas(model, {path: LowRankDelta(a, b, scale) for path, (a, b) in self.pairs.items()})
+
+
+def column_major(b: torch.Tensor) -> torch.Tensor:
+    """B (out, rank) stored column-major (its transpose contiguous), for inference: the native
+    kernels then add the update a vector of output rows at a time instead of one short dot
+    product per row; PyTorch takes either layout."""
+    return b.t().contiguous().t()
 
 
 def set_deltas(model: Transformer, deltas: Mapping[str, LowRankDelta]) -> None:

@@ -22,7 +22,9 @@ import torch
 
 log = logging.getLogger("openafm")
 
-SOURCES = (Path(__file__).parent / "csrc" / "lut_kernels.cpp",)
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "lut_kernels.cpp", CSRC / "decoder_stack.cpp")
+HEADERS = (CSRC / "kernels.h",)
 # -fopenmp makes `at::parallel_for` parallel (its OpenMP pragmas are in the headers); the
 # library then shares PyTorch's own OpenMP runtime (same soname), so threads follow
 # `torch.set_num_threads`.
@@ -37,7 +39,7 @@ def _home() -> Path:
 def library_key() -> str:
     """Identity of a build: sources, flags, PyTorch, Python and machine architecture."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     parts = (torch.__version__, sys.version, platform.machine(), " ".join(CFLAGS))
     digest.update("|".join(parts).encode())

@@ -6,10 +6,15 @@ the fallback where the native library cannot be built.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from openafm.kernels.repack import unpack
+
+if TYPE_CHECKING:
+    from openafm.kernels.decoder import StackLayer, StackProjection, StackShape
 
 
 def lut_dequantize(
@@ -62,3 +67,50 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     (the model's own formula when the native path does not apply)."""
     first, second = x.chunk(2, dim=-1)  # (no shape arithmetic: traces for export)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def decoder_stack(
+    h: torch.Tensor,
+    layers: list[StackLayer],
+    shape: StackShape,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """Every decoder layer on the T new tokens `h` (T, dim) of one sequence: the model's own
+    computation (pre-norm attention and SwiGLU blocks), writing keys and values at positions
+    `pos`..`pos+T-1` of the cache `(layers, 1, kv_heads, max_len, head_dim)`."""
+    t, hd, eps = h.shape[0], shape.head_dim, shape.eps
+    end = pos + t
+    cos, sin = cos.view(1, 1, t, hd), sin.view(1, 1, t, hd)
+    sees = torch.arange(end).unsqueeze(0) <= torch.arange(pos, end).unsqueeze(1)
+    x = h.float()
+    for i, layer in enumerate(layers):
+        normed = rms_norm(x, layer.attn_norm, eps)
+        q, k, v = (
+            _product(normed, p).view(t, -1, hd).transpose(0, 1).unsqueeze(0)
+            for p in layer.projections[:3]
+        )
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+        keys[i, :, :, pos:end] = rope(k, cos, sin)
+        values[i, :, :, pos:end] = v
+        out = F.scaled_dot_product_attention(
+            rope(q, cos, sin),
+            keys[i, :, :, :end],
+            values[i, :, :, :end],
+            attn_mask=sees,
+            enable_gqa=True,
+        )
+        x = x + _product(out.transpose(1, 2).reshape(t, -1), layer.projections[3])
+        normed = rms_norm(x, layer.mlp_norm, eps)
+        gate, up = (_product(normed, p) for p in layer.projections[4:6])
+        x = x + _product(F.silu(gate) * up, layer.projections[6])
+    return x
+
+
+def _product(x: torch.Tensor, projection: StackProjection) -> torch.Tensor:
+    y = lut_linear(x, *projection.weight)
+    return y if projection.lora is None else y + low_rank(x, *projection.lora)

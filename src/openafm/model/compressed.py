@@ -117,14 +117,16 @@ def finish_native(
 
 def _fusable(delta: LowRankUpdate | None) -> LoraArgs | None:
     """(A, B, scale) when the native kernel can add this update itself: one adapter for the
-    whole batch, float32, and nothing to differentiate."""
+    whole batch, float32 (A contiguous, B contiguous or column-major), nothing to
+    differentiate."""
     if (
         delta is None
         or delta.a.dim() != 2
         or not isinstance(delta.scale, float)
         or delta.a.dtype != torch.float32
         or delta.b.dtype != torch.float32
-        or not (delta.a.is_contiguous() and delta.b.is_contiguous())
+        or not delta.a.is_contiguous()
+        or not (delta.b.is_contiguous() or delta.b.t().is_contiguous())
         or (torch.is_grad_enabled() and (delta.a.requires_grad or delta.b.requires_grad))
     ):
         return None

@@ -38,8 +38,8 @@ class KVCache:
         self.value_scale: torch.Tensor | None = None
         self.pad = None if pad is None or not bool(pad.any()) else pad.to(self.device)
 
-    def _allocate(self, k: torch.Tensor) -> None:
-        shape = (self.n_layers, self.batch_size, k.shape[1], self.max_len, k.shape[3])
+    def _allocate(self, kv_heads: int, head_dim: int) -> None:
+        shape = (self.n_layers, self.batch_size, kv_heads, self.max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.dtype == torch.int8:
@@ -52,7 +52,7 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `k`, `v` (batch, kv_heads, T, head_dim) at the current position; return all keys so far."""
         if self.keys is None:
-            self._allocate(k)
+            self._allocate(k.shape[1], k.shape[3])
         assert self.keys is not None and self.values is not None
         end = self.length + k.shape[2]
         if self.key_scale is None or self.value_scale is None:
@@ -70,6 +70,14 @@ class KVCache:
             self.keys[layer, :, :, :end].float() * self.key_scale[layer, :, :, :end].float(),
             self.values[layer, :, :, :end].float() * self.value_scale[layer, :, :, :end].float(),
         )
+
+    def buffers(self, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole float key and value buffers, allocated on first use (for writers that
+        index them themselves: the native decoder stack)."""
+        if self.keys is None:
+            self._allocate(kv_heads, head_dim)
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.max_len:

@@ -17,6 +17,7 @@ from torch import nn
 from openafm.model.config import ModelConfig
 from openafm.model.kv_cache import KVCache
 from openafm.model.linear import Linear, project
+from openafm.model.native_decode import stack_for
 from openafm.model.norm import RMSNorm
 from openafm.model.rope import RotaryEmbedding, apply_rope
 
@@ -158,8 +159,13 @@ class Transformer(nn.Module):
             mask = cache.attention_mask(t)
         cos, sin = self.rope(positions)
         h = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i, mask)
+        stack = stack_for(self, h, cache)
+        if stack is not None and cache is not None:
+            keys, values = cache.buffers(self.config.n_kv_heads, self.config.head_dim)
+            h = stack(h[0], keys, values, cache.length, cos, sin).unsqueeze(0)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, cos, sin, cache, i, mask)
         if cache is not None:
             cache.advance(t)
         return self.norm(h)

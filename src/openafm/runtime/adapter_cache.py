@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from openafm.adapters import LoraAdapter, check_base, load_adapter, set_deltas
+from openafm.adapters.lora import column_major
 from openafm.adapters.registry import find_adapter
 from openafm.model import Linear, LowRankDelta, Transformer
 
@@ -38,7 +39,7 @@ class ServingAdapter:
     def from_adapter(cls, adapter: LoraAdapter, dtype: torch.dtype) -> ServingAdapter:
         scale = adapter.config.scale
         pairs = {
-            path: (a.detach().to(dtype).contiguous(), (b.detach().to(dtype) * scale).contiguous())
+            path: (a.detach().to(dtype).contiguous(), column_major(b.detach().to(dtype) * scale))
             for path, (a, b) in adapter.pairs.items()
         }
         return cls(adapter.name, pairs, adapter.config.rank)

@@ -26,6 +26,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -69,7 +71,7 @@ int64_t best_isa() {
   return kPortable;
 }
 
-int64_t resolve_isa(int64_t isa) {
+int64_t resolve(int64_t isa) {
   if (isa == kBest) return best_isa();
   TORCH_CHECK(isa >= kPortable && isa <= kAvx512, "unknown instruction set ", isa);
   TORCH_CHECK(isa != kAvx512 || cpu_has_avx512(), "this CPU has no AVX-512 (F/BW/VL/DQ)");
@@ -662,37 +664,66 @@ Lut check_lut(const at::Tensor& planes, const at::Tensor& tables,
 #define OPENAFM_CLONES
 #endif
 
-OPENAFM_CLONES float dot(const float* a, const float* b, int64_t n) {
+OPENAFM_CLONES float dot_clones(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
   return s;
 }
 
-// Adds `lora_scale · (x Aᵀ) Bᵀ` (an unmerged LoRA update; A (rank, k), B (n, rank)) to y's rows
-// [r0, r1); `u` holds x Aᵀ (m, rank).
-void add_low_rank(const float* u, const float* b, int64_t rank, float lora_scale, int64_t m,
-                  float* y, int64_t ldy, int64_t r0, int64_t r1) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t row = r0; row < r1; ++row)
-      y[i * ldy + row] += lora_scale * dot(b + row * rank, u + i * rank, rank);
+OPENAFM_CLONES void axpy_clones(float a, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
+
+float dot(const float* a, const float* b, int64_t n) { return dot_clones(a, b, n); }
 
 struct LowRank {
   at::Tensor u;  // x Aᵀ, (m, rank) float32
   const float* b = nullptr;
-  int64_t rank = 0;
+  int64_t rank = 0, n = 0;
+  bool columns = false;  // B stored column-major: its transpose (rank, n) is contiguous
   float scale = 1.0f;
 };
+
+// Adds `lora_scale · (x Aᵀ) Bᵀ` (an unmerged LoRA update; A (rank, k), B (n, rank)) to y's rows
+// [r0, r1). With B column-major the sums run a vector of output rows at a time; row-major B
+// takes one short dot product per row.
+OPENAFM_CLONES void add_low_rank(const LowRank& lr, int64_t m, float* y, int64_t ldy, int64_t r0,
+                                 int64_t r1) {
+  const int64_t rank = lr.rank;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* ui = lr.u.data_ptr<float>() + i * rank;
+    float* yi = y + i * ldy;
+    if (lr.columns) {
+      for (int64_t j = 0; j < rank; ++j) {
+        const float c = lr.scale * ui[j];
+        const float* bj = lr.b + j * lr.n;
+#pragma omp simd
+        for (int64_t row = r0; row < r1; ++row) yi[row] += c * bj[row];
+      }
+      continue;
+    }
+    for (int64_t row = r0; row < r1; ++row) {
+      const float* br = lr.b + row * rank;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < rank; ++j) s += br[j] * ui[j];
+      yi[row] += lr.scale * s;
+    }
+  }
+}
 
 LowRank low_rank(const at::Tensor& flat_x, const std::optional<at::Tensor>& a,
                  const std::optional<at::Tensor>& b, double lora_scale, int64_t n) {
   LowRank lr;
   if (!a.has_value() && !b.has_value()) return lr;
   TORCH_CHECK(a.has_value() && b.has_value(), "lut_linear: give both LoRA factors or neither");
+  const bool columns = b->dim() == 2 && !b->is_contiguous() && b->t().is_contiguous();
   TORCH_CHECK(a->scalar_type() == at::kFloat && b->scalar_type() == at::kFloat && a->dim() == 2 &&
-                  b->dim() == 2 && a->is_contiguous() && b->is_contiguous(),
-              "lut_linear: LoRA factors must be contiguous 2-D float32");
+                  b->dim() == 2 && a->is_contiguous() && (b->is_contiguous() || columns),
+              "lut_linear: LoRA factors must be 2-D float32, A contiguous, B contiguous or "
+              "column-major");
   const int64_t rank = a->size(0), k = flat_x.size(1);
   TORCH_CHECK(a->size(1) == k && b->size(0) == n && b->size(1) == rank,
               "lut_linear: LoRA factors of shapes ", a->sizes(), " and ", b->sizes(),
@@ -706,17 +737,89 @@ LowRank low_rank(const at::Tensor& flat_x, const std::optional<at::Tensor>& a,
     for (int64_t j = 0; j < rank; ++j) u[i * rank + j] = dot(av + j * k, xa + i * k, k);
   lr.b = b->data_ptr<float>();
   lr.rank = rank;
+  lr.n = n;
+  lr.columns = columns;
   lr.scale = static_cast<float>(lora_scale);
   return lr;
 }
 
-// One product of `lut_linear_many`: a weight, its optional LoRA update, its output.
+// One product of `project`: a weight, its optional LoRA update, its output.
 struct Product {
   Lut w;
   LutTiles run;
   LowRank lr;
   at::Tensor y;  // (m, out_features)
 };
+
+}  // namespace
+
+namespace openafm {
+
+int64_t resolve_isa(int64_t isa) { return resolve(isa); }
+
+std::vector<at::Tensor> project(const at::Tensor& flat, const std::vector<const Projection*>& ws,
+                                int64_t isa) {
+  const int64_t in_features = flat.size(1), m = flat.size(0), n = ws.size();
+  std::vector<Product> products;
+  std::vector<int64_t> first_tile{0};  // prefix sums of the tiles
+  products.reserve(n);
+  for (const Projection* p : ws) {
+    const Lut w = check_lut(p->planes, p->tables, p->scale, p->bits, p->group, p->out_features,
+                            in_features);
+    products.push_back(Product{w, lut_tiles_for(isa, p->bits),
+                               low_rank(flat, p->lora_a, p->lora_b, p->lora_scale, p->out_features),
+                               at::empty({m, p->out_features}, flat.options())});
+    first_tile.push_back(first_tile.back() + w.tiles);
+  }
+  const int64_t blocks = products[0].w.blocks;
+  const at::Tensor xp = padded_activations(flat, blocks * kBlock);
+  const Acts acts{xp.data_ptr<float>(), m, xp.size(1)};
+  const int64_t grain = std::max<int64_t>(1, kGrainWeights / (kRows * blocks * kBlock * m));
+  at::parallel_for(0, first_tile.back(), grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t0 = std::max(g0, first_tile[i]) - first_tile[i];
+      const int64_t t1 = std::min(g1, first_tile[i + 1]) - first_tile[i];
+      if (t0 >= t1) continue;
+      const Product& p = products[i];
+      const int64_t rows = p.w.rows;
+      float* out = p.y.data_ptr<float>();
+      p.run(p.w, acts, out, rows, t0, t1);
+      if (p.lr.b != nullptr) {
+        add_low_rank(p.lr, m, out, rows, t0 * kRows, std::min(t1 * kRows, rows));
+      }
+    }
+  });
+  std::vector<at::Tensor> ys;
+  for (Product& p : products) ys.push_back(std::move(p.y));
+  return ys;
+}
+
+float dot(const float* a, const float* b, int64_t n) { return dot_clones(a, b, n); }
+
+void axpy(float a, const float* x, float* y, int64_t n) { axpy_clones(a, x, y, n); }
+
+void rms_norm_rows(const float* x, const float* weight, float eps, int64_t m, int64_t d,
+                   float* y) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * d;
+    const float ss = dot(xi, xi, d);
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (int64_t j = 0; j < d; ++j) y[i * d + j] = xi[j] * inv * weight[j];
+  }
+}
+
+void rope_row(const float* x, const float* c, const float* s, int64_t d, float* out) {
+  const int64_t half = d / 2;
+  for (int64_t e = 0; e < half; ++e) {
+    const float lo = x[e], hi = x[e + half];
+    out[e] = lo * c[e] + -hi * s[e];
+    out[e + half] = hi * c[e + half] + lo * s[e + half];
+  }
+}
+
+}  // namespace openafm
+
+namespace {
 
 // y_i = x W_iᵀ (+ lora_scale_i · (x A_iᵀ) B_iᵀ) for several palettized W_i of the same input
 // (q/k/v, gate/up): one parallel region over all their row tiles; x (..., in_features) float32.
@@ -732,44 +835,18 @@ std::vector<at::Tensor> lut_linear_many(
                   groups.size() == n && out_features.size() == n && lora_a.size() == n &&
                   lora_b.size() == n && lora_scales.size() == n,
               "lut_linear: give every argument list one entry per weight");
-  const int64_t in_features = x.size(-1);
-  const int64_t chosen = resolve_isa(isa);
-  const at::Tensor flat = x.reshape({-1, in_features}).contiguous();
-  const int64_t m = flat.size(0);
-  std::vector<Product> products;
-  std::vector<int64_t> first_tile{0};  // prefix sums of the tiles
-  products.reserve(n);
+  std::vector<openafm::Projection> ws;
+  ws.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    const std::optional<at::Tensor> scale = scales.get(i);
-    const Lut w = check_lut(planes[i], tables[i], scale, bits[i], groups[i], out_features[i],
-                            in_features);
-    products.push_back(Product{w, lut_tiles_for(chosen, bits[i]),
-                               low_rank(flat, lora_a.get(i), lora_b.get(i), lora_scales[i],
-                                        out_features[i]),
-                               at::empty({m, out_features[i]}, x.options())});
-    first_tile.push_back(first_tile.back() + w.tiles);
+    ws.push_back(openafm::Projection{planes[i], tables[i], scales.get(i), lora_a.get(i),
+                                     lora_b.get(i), bits[i], groups[i], out_features[i],
+                                     lora_scales[i]});
   }
-  const int64_t blocks = products[0].w.blocks;
-  const at::Tensor xp = padded_activations(flat, blocks * kBlock);
-  const Acts acts{xp.data_ptr<float>(), m, xp.size(1)};
-  const int64_t grain = std::max<int64_t>(1, kGrainWeights / (kRows * blocks * kBlock * m));
-  at::parallel_for(0, first_tile.back(), grain, [&](int64_t g0, int64_t g1) {
-    for (size_t i = 0; i < n; ++i) {
-      const int64_t t0 = std::max(g0, first_tile[i]) - first_tile[i];
-      const int64_t t1 = std::min(g1, first_tile[i + 1]) - first_tile[i];
-      if (t0 >= t1) continue;
-      const Product& p = products[i];
-      const int64_t rows = p.w.rows;
-      float* out = p.y.data_ptr<float>();
-      p.run(p.w, acts, out, rows, t0, t1);
-      if (p.lr.b != nullptr) {
-        add_low_rank(p.lr.u.data_ptr<float>(), p.lr.b, p.lr.rank, p.lr.scale, m, out, rows,
-                     t0 * kRows, std::min(t1 * kRows, rows));
-      }
-    }
-  });
-  std::vector<at::Tensor> ys;
-  for (Product& p : products) ys.push_back(p.y.view(output_shape(x, p.w.rows)));
+  std::vector<const openafm::Projection*> refs;
+  for (const auto& w : ws) refs.push_back(&w);
+  const at::Tensor flat = x.reshape({-1, x.size(-1)}).contiguous();
+  std::vector<at::Tensor> ys = openafm::project(flat, refs, resolve(isa));
+  for (size_t i = 0; i < n; ++i) ys[i] = ys[i].view(output_shape(x, out_features[i]));
   return ys;
 }
 
@@ -843,7 +920,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& values, const at::
   TORCH_CHECK(x.size(-1) == k, "int8_linear: x has ", x.size(-1), " columns, the rows ", k);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
               "int8_linear: scale must be contiguous float32 of ", n);
-  const int64_t chosen = resolve_isa(isa);
+  const int64_t chosen = resolve(isa);
   const at::Tensor flat = x.reshape({-1, k}).contiguous();
   const int64_t m = flat.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
@@ -897,15 +974,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor flat = x.reshape({-1, d}).contiguous();
   const at::Tensor w = weight.contiguous();
   at::Tensor y = at::empty_like(flat);
-  const float* src = flat.data_ptr<float>();
-  const float* wv = w.data_ptr<float>();
-  float* dst = y.data_ptr<float>();
-  for (int64_t i = 0; i < flat.size(0); ++i) {
-    const float* xi = src + i * d;
-    const float ss = dot(xi, xi, d);
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
-    for (int64_t j = 0; j < d; ++j) dst[i * d + j] = xi[j] * inv * wv[j];
-  }
+  openafm::rms_norm_rows(flat.data_ptr<float>(), w.data_ptr<float>(), static_cast<float>(eps),
+                         flat.size(0), d, y.data_ptr<float>());
   return y.view(x.sizes());
 }
 
@@ -916,7 +986,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
                   sin.scalar_type() == at::kFloat && x.is_cpu() && x.size(3) % 2 == 0,
               "rope: float32 CPU x of shape (B, H, T, D) with an even D");
-  const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3), half = d / 2;
+  const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3);
   const at::Tensor xc = x.contiguous();
   const at::Tensor c = cos.contiguous().expand({b, 1, t, d});
   const at::Tensor s = sin.contiguous().expand({b, 1, t, d});
@@ -929,18 +999,8 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   for (int64_t i = 0; i < b; ++i)
     for (int64_t j = 0; j < h; ++j)
       for (int64_t k = 0; k < t; ++k) {
-        const float* xr = xp + ((i * h + j) * t + k) * d;
-        const float* cr = cp + i * cb + k * ct;
-        const float* sr = sp + i * sb + k * st;
-        float* o = op + ((i * h + j) * t + k) * d;
-        for (int64_t e = 0; e < half; ++e) {
-          const float lo = xr[e] * cr[e];
-          const float lo_rot = -xr[e + half] * sr[e];
-          o[e] = lo + lo_rot;
-          const float hi = xr[e + half] * cr[e + half];
-          const float hi_rot = xr[e] * sr[e + half];
-          o[e + half] = hi + hi_rot;
-        }
+        const int64_t row = ((i * h + j) * t + k) * d;
+        openafm::rope_row(xp + row, cp + i * cb + k * ct, sp + i * sb + k * st, d, op + row);
       }
   return out;
 }
