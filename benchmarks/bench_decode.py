@@ -219,6 +219,7 @@ def run_profile(model_name: str, kernel: str, tokens: int) -> dict:
     from openafm import kernels
     from openafm.cli.common import load_named
     from openafm.model import KVCache
+    from openafm.model.native_decode import stack_for
 
     torch.set_num_threads(2)
     kernels.set_mode(kernel)
@@ -235,6 +236,9 @@ def run_profile(model_name: str, kernel: str, tokens: int) -> dict:
             token = model(token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         wall = (time.perf_counter() - start) / tokens * 1e3
         cache.truncate(start_length)
+        stack = stack_for(model, model.embed(token), cache)  # the native decoder stack, if used
+        if stack is not None:
+            stack.profile(True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(tokens):
                 token = model(token, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
@@ -243,6 +247,11 @@ def run_profile(model_name: str, kernel: str, tokens: int) -> dict:
         for group, names in OP_GROUPS.items():
             if event.key in names:
                 split[group] += event.self_cpu_time_total / 1e3 / tokens
+    if stack is not None:  # its stages, timed inside the one native call
+        for group, seconds in stack.timings().items():
+            if group in split:
+                split[group] += seconds * 1e3 / tokens
+        stack.profile(False)
     if model_name == DENSE:  # the dense head is a matrix product too: its share by FLOPs
         share = model.config.vocab_size / (
             model.config.vocab_size + model.config.num_params(embeddings=False) / model.config.dim
@@ -268,7 +277,7 @@ def run_decode_quality(tokens: int) -> dict:
     text = (ROOT / "tests/fixtures/text/pride_and_prejudice_excerpt.txt").read_text()
     ids = pretrained.tokenizer.encode(text)[: tokens + 1]
     logprobs = {}
-    for mode in ("exact", "default"):
+    for mode in ("exact", "default", "fast"):
         kernels.set_mode(mode)
         cache = KVCache(model.config.n_layers, 1, len(ids) + 1)
         rows = []
@@ -278,29 +287,33 @@ def run_decode_quality(tokens: int) -> dict:
                     model(torch.tensor([[token]]), cache, last_only=True)[0, -1].log_softmax(-1)
                 )
         logprobs[mode] = torch.stack(rows)
-    exact, fast = logprobs["exact"], logprobs["default"]
-    kld = (exact.exp() * (exact - fast)).sum(-1)
-    return {
-        "positions": len(ids),
-        "kld_default_vs_exact_mean": kld.mean().item(),
-        "kld_default_vs_exact_max": kld.max().item(),
-        "top1_agreement": (exact.argmax(-1) == fast.argmax(-1)).float().mean().item(),
-    }
+    exact = logprobs["exact"]
+    out: dict[str, float] = {"positions": len(ids)}
+    for mode in ("default", "fast"):
+        other = logprobs[mode]
+        kld = (exact.exp() * (exact - other)).sum(-1)
+        out[f"kld_{mode}_vs_exact_mean"] = kld.mean().item()
+        out[f"kld_{mode}_vs_exact_max"] = kld.max().item()
+        out[f"top1_agreement_{mode}"] = (exact.argmax(-1) == other.argmax(-1)).float().mean().item()
+    return out
 
 
-def run_speculation(model_name: str, aeslc: str, emails: int) -> dict:
+def run_speculation(model_name: str, aeslc: str, emails: int, draft: str | None) -> dict:
+    """Plain against speculative decoding of AESLC e-mail summaries: drafts from the prompt,
+    or from the `draft` model."""
     import torch
 
     from openafm.cli.common import load_named
     from openafm.features import get_feature
-    from openafm.runtime import PromptLookup, SamplingParams, engine_for
+    from openafm.runtime import DraftModel, PromptLookup, SamplingParams, engine_for
 
     torch.set_num_threads(2)
     task = get_feature("summarize-email")
     pretrained = load_named(model_name)
     adapter = task.adapter if model_name == DENSE else None  # shipped adapters fit the float base
     plain = engine_for(pretrained)
-    fast = engine_for(pretrained, speculation=PromptLookup())
+    drafter = PromptLookup() if draft is None else DraftModel(load_named(draft).model)
+    fast = engine_for(pretrained, speculation=drafter)
     records = [json.loads(line) for line in Path(aeslc).read_text().splitlines()[:emails]]
     prompts = [plain.tokenizer.encode_chat(task.messages(r)) for r in records]
     params = SamplingParams(max_tokens=task.max_tokens)
@@ -328,6 +341,7 @@ def run_speculation(model_name: str, aeslc: str, emails: int) -> dict:
     )
     return {
         "adapter": adapter,
+        "drafter": "prompt lookup" if draft is None else draft,
         "emails": len(prompts),
         "identical_outputs": identical,
         "plain_decode_tokens_per_s": out["plain"]["decode_tokens_per_s"],
@@ -390,7 +404,7 @@ def worker(args: argparse.Namespace) -> dict:
     if kind == "quality":
         return run_decode_quality(256)
     if kind == "speculation":
-        return run_speculation(rest[0], args.aeslc, args.emails)
+        return run_speculation(rest[0], args.aeslc, args.emails, rest[1] if rest[1:] else None)
     if kind == "llama.cpp":
         return run_llama_cpp(args.repeats, args.new_tokens)
     raise ValueError(args.worker)
@@ -449,7 +463,7 @@ def main() -> None:
 
     machine = {**cpu(), **(spawn("bandwidth", args) or {})}
     quiet_names = [f"decode:{DENSE}:default:2"]
-    quiet_names += [f"decode:{PALETTIZED}:{k}:2" for k in ("default", "exact", "reference")]
+    quiet_names += [f"decode:{PALETTIZED}:{k}:2" for k in ("default", "fast", "exact", "reference")]
     quiet = {name: spawn(name, args) for name in quiet_names}
     contention = {f"{m} quiet": spawn(f"threads:{m}", args) for m in (DENSE, PALETTIZED)}
     if not args.skip_contention:
@@ -462,6 +476,9 @@ def main() -> None:
         "dense": spawn(f"profile:{DENSE}:default", args),
     }
     speculation = {m: spawn(f"speculation:{m}", args) for m in (PALETTIZED, DENSE)}
+    speculation[f"{DENSE} drafted by {PALETTIZED}"] = spawn(
+        f"speculation:{DENSE}:{PALETTIZED}", args
+    )
     quality = spawn("quality", args)
     try:
         import llama_cpp  # noqa: F401
@@ -490,7 +507,11 @@ def main() -> None:
         else None,
         "speculative_speedup_palettized": (speculation.get(PALETTIZED) or {}).get("speedup"),
         "speculative_speedup_dense_with_adapter": (speculation.get(DENSE) or {}).get("speedup"),
+        "draft_model_speedup_dense_with_adapter": (
+            speculation.get(f"{DENSE} drafted by {PALETTIZED}") or {}
+        ).get("speedup"),
         "palettized_new_vs_reference_decode": _ratio(pal, q(PALETTIZED, "reference")),
+        "palettized_fast_vs_default_decode": _ratio(q(PALETTIZED, "fast"), pal),
     }
     report = {
         "machine": machine,

@@ -64,9 +64,49 @@ def test_lookup_table_products_equal_the_reference(isa, bits):
                 want = reference.lut_linear(x, planes, tables, s, bits, group, out)
                 got = kernels.lut_linear(x, planes, tables, s, bits, group, out, isa=isa)
                 _close(got, want)
-        dense = kernels.lut_dequantize(planes, tables, scale, bits, group, out, cols)
+        dense = kernels.lut_dequantize(planes, tables, scale, bits, group, out, cols, isa=isa)
         assert torch.equal(
             dense, reference.lut_dequantize(planes, tables, scale, bits, group, out, cols)
+        )
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_table_products_equal_their_reference_where_the_cpu_runs_them(isa):
+    """With int8 tables, 4-bit products equal the reference's int8-table semantics (tables
+    rounded per group, activations rounded to int16 per row) where the CPU has the integer
+    kernel, and the float tables' result elsewhere; other widths ignore them."""
+    uses = kernels.int8_tables_apply(isa)
+    for (out, cols), group in zip(SHAPES, [4, 4, 2, 16, 1], strict=True):
+        _, planes, tables, scale = _palettized(out, cols, 4, group)
+        t8 = kernels.int8_tables(tables, 4, 16)
+        for m in ROWS:
+            x = torch.randn(m, cols)
+            want = reference.lut_linear(
+                x, planes, tables, scale, 4, group, out, int8_tables=t8 if uses else None
+            )
+            got = kernels.lut_linear(
+                x, planes, tables, scale, 4, group, out, int8_tables=t8, isa=isa
+            )
+            _close(got, want)
+    # int8 tables round each entry to 1/127 of the group's largest: a small, bounded change
+    x = torch.randn(3, 1000)
+    _, planes, tables, scale = _palettized(36, 1000, 4, 4)
+    t8 = kernels.int8_tables(tables, 4, 16)
+    exact = reference.lut_linear(x, planes, tables, scale, 4, 4, 36)
+    rounded = reference.lut_linear(x, planes, tables, scale, 4, 4, 36, int8_tables=t8)
+    assert 0 < (rounded - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+@needs_native
+def test_int8_tables_are_refused_when_they_do_not_fit():
+    _, planes, tables, scale = _palettized(36, 100, 4, 4)
+    t8, step = kernels.int8_tables(tables, 4, 16)
+    if not kernels.int8_tables_apply():
+        pytest.skip("this CPU computes with the float tables")
+    with pytest.raises(RuntimeError, match="int8 tables must be"):
+        kernels.lut_linear(
+            torch.randn(1, 100), planes, tables, scale, 4, 4, 36, int8_tables=(t8[:-16], step)
         )
 
 
@@ -251,8 +291,14 @@ def test_projections_fused_or_not_give_the_same_outputs(tmp_path):
     )
     x = torch.randn(1, 3, 64, generator=gen)
     with torch.inference_mode():
-        fused = project(x, *layers)
+        pairs = []
+        for mode in ("default", "fast"):
+            with kernels.using(mode):
+                pairs.append((project(x, *layers), [layer(x) for layer in layers]))
+        with kernels.using("exact"):
+            fused = project(x, *layers)
         with kernels.using("reference"):
-            separate = project(x, *layers)
-    for a, b in zip(fused, separate, strict=True):
-        _close(a, b)
+            pairs.append((fused, project(x, *layers)))
+    for fused, separate in pairs:
+        for a, b in zip(fused, separate, strict=True):
+            _close(a, b)

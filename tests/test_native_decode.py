@@ -4,13 +4,14 @@ the module-by-module model, following adapter changes, and refusing what it cann
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
 
 from openafm import kernels
 from openafm.adapters.lora import column_major
-from openafm.kernels.decoder import DecoderStack, StackShape
+from openafm.kernels.decoder import DecoderStack, StackLayer, StackShape
 from openafm.model import KVCache, Linear, LowRankDelta, Transformer
 from openafm.model.compressed import PalettizedWeight, pack_indices
 from openafm.model.native_decode import stack_for
@@ -44,6 +45,11 @@ def _palettized_tiny(seed: int = 0) -> Transformer:
     return model.eval()
 
 
+def _float_tables(layer: StackLayer) -> StackLayer:
+    projections = tuple(replace(p, int8_tables=None) for p in layer.projections)
+    return replace(layer, projections=projections)
+
+
 @contextmanager
 def module_by_module(model: Transformer):
     """A hook on a layer: the model then runs its modules one by one (the stack's reference)."""
@@ -65,14 +71,20 @@ def _steps(model: Transformer, tokens: torch.Tensor, chunks: list[int]) -> list[
     return out
 
 
-def test_the_native_stack_equals_its_reference_under_every_instruction_set():
+@pytest.mark.parametrize("mode", ["default", "fast"])
+def test_the_native_stack_equals_its_reference_under_every_instruction_set(mode):
     model = _palettized_tiny()
     h = torch.randn(1, 3, model.config.dim)
-    with torch.inference_mode():
+    with torch.inference_mode(), kernels.using(mode):
         stack = stack_for(model, h, KVCache(model.config.n_layers, 1, 32))
         assert stack is not None
-        reference = DecoderStack(stack.layers, stack.shape, native=False)
+        fast = any(p.int8_tables is not None for p in stack.layers[0].projections)
+        assert fast == (mode == "fast" and kernels.int8_tables_apply())
         for isa in ISAS:
+            layers = stack.layers  # without int8 tables where this path has no integer kernel
+            if not kernels.int8_tables_apply(isa):
+                layers = [_float_tables(layer) for layer in layers]
+            reference = DecoderStack(layers, stack.shape, native=False)
             native = DecoderStack(stack.layers, stack.shape, isa=kernels.ISA_CODES[isa])
             for tokens, pos in [(1, 0), (1, 9), (5, 3), (16, 7)]:
                 shape = (model.config.n_layers, 1, model.config.n_kv_heads, 32, 16)
@@ -82,15 +94,16 @@ def test_the_native_stack_equals_its_reference_under_every_instruction_set():
                 cos, sin = (t[pos : pos + tokens] for t in (model.rope.cos, model.rope.sin))
                 got = native(h, keys, values, pos, cos, sin)
                 want = reference(h, want_keys, want_values, pos, cos, sin)
-                assert (got - want).abs().max() < 1e-4 * want.abs().max()
-                assert torch.allclose(keys, want_keys, atol=1e-5)
-                assert torch.allclose(values, want_values, atol=1e-5)
+                # (int16 activations: a last-bit difference upstream can move one by a step)
+                for a, b in ((got, want), (keys, want_keys), (values, want_values)):
+                    assert (a - b).abs().max() < 2e-4 * b.abs().max()
 
 
-def test_decoding_through_the_stack_follows_the_module_by_module_model():
+@pytest.mark.parametrize("mode", ["default", "fast"])
+def test_decoding_through_the_stack_follows_the_module_by_module_model(mode):
     model = _palettized_tiny()
     tokens = torch.randint(0, model.config.vocab_size, (1, 40))
-    with torch.inference_mode():
+    with torch.inference_mode(), kernels.using(mode):
         h = model.embed(tokens[:, :1])
         cache = KVCache(model.config.n_layers, 1, 8)
         assert stack_for(model, h, cache) is not None

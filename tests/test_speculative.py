@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from openafm.runtime import Engine, PromptLookup, SamplingParams
+from openafm.runtime import DraftModel, Engine, PromptLookup, SamplingParams
 from openafm.runtime.speculative import next_draft_length, verify
 from openafm.runtime.threads import ThreadTuner
-from tests.conftest import FIXTURES, byte_tokenizer
+from tests.conftest import FIXTURES, byte_tokenizer, make_tiny
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
@@ -46,6 +46,52 @@ def test_sampled_verification_keeps_the_model_distribution():
             accepted, token = verify(logits, [drafted], params, gen)
             counts[drafted if accepted else token] += 1
         assert (counts / counts.sum() - p).abs().max() < 0.015
+
+
+def test_verification_of_a_draft_model_keeps_the_model_distribution():
+    """Tokens drawn from a drafter's q, then verified, follow the model's p (not q)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0]])
+    params = SamplingParams(temperature=1.0)
+    p = logits[0].softmax(-1)
+    q = torch.tensor([[0.05, 0.1, 0.15, 0.6, 0.1]])  # far from p
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5)
+    for _ in range(20000):
+        drafted = int(torch.multinomial(q[0], 1, generator=gen))
+        accepted, token = verify(logits, [drafted], params, gen, draft_probs=q)
+        counts[drafted if accepted else token] += 1
+    assert (counts / counts.sum() - p).abs().max() < 0.015
+
+
+def test_a_draft_model_changes_no_greedy_token_and_the_model_itself_is_always_accepted(tiny):
+    tokenizer = byte_tokenizer()
+    plain = Engine(tiny, tokenizer, tune_threads=False)
+    for drafter, seed in ((make_tiny(seed=5), 5), (tiny, 0)):
+        fast = Engine(tiny, tokenizer, speculation=DraftModel(drafter, 4), tune_threads=False)
+        for text in ("abcabcabcabc", "the cat sat on the mat"):
+            ids = fast.encode(text, chat=False)
+            params = SamplingParams(max_tokens=30, ignore_eos=True)
+            want = plain.generate([ids], params)[0]
+            got = fast.generate([ids], params)[0]
+            assert got.token_ids == want.token_ids
+            assert got.draft_tokens > 0
+            if seed == 0:  # drafting with the model itself: every draft is its own argmax
+                assert got.accepted_tokens == got.draft_tokens
+        sampled = SamplingParams(max_tokens=20, temperature=0.9, seed=1)
+        ids = fast.encode("abcabc", chat=False)
+        assert (
+            fast.generate([ids], sampled)[0].token_ids == fast.generate([ids], sampled)[0].token_ids
+        )
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny):
+    from dataclasses import replace
+
+    from openafm.model import Transformer
+
+    other = Transformer(replace(tiny.config, vocab_size=300))
+    with pytest.raises(ValueError, match="share the tokenizer"):
+        Engine(tiny, byte_tokenizer(), speculation=DraftModel(other))
 
 
 def _engines(model, tokenizer, **lookup):

@@ -17,7 +17,8 @@ from openafm.cli.common import (
     read_prompt,
     user_errors,
 )
-from openafm.runtime import PromptLookup, SamplingParams, engine_for
+from openafm.runtime import DraftModel, PromptLookup, SamplingParams, engine_for
+from openafm.runtime.speculative import Drafter
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -66,6 +67,14 @@ def generate(
             " them in one step (greedy output is identical; sampling keeps its distribution)."
         ),
     ] = True,
+    draft_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Draft with this model instead of the prompt (known name, .gguf file or"
+            " directory sharing the tokenizer; e.g. smollm2-135m-palettized drafting for the"
+            " float base)."
+        ),
+    ] = None,
     kernel: KernelOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -89,11 +98,14 @@ def generate(
         )
         with err_console.status("loading model…", spinner="dots"):
             pretrained = load_named(model)
+            speculation: Drafter | None = PromptLookup() if speculate else None
+            if speculate and draft_model is not None:
+                speculation = DraftModel(load_named(draft_model).model)
         engine = engine_for(
             pretrained,
             prefill_dtype=_DTYPES[prefill_dtype],
             force_adapters=force,
-            speculation=PromptLookup() if speculate else None,
+            speculation=speculation,
         )
         ids = engine.encode(
             text, chat=chat and pretrained.tokenizer.chat_template is not None, system=system

@@ -10,10 +10,9 @@
 `mode()` says how products are computed: `exact` (native, float32 tables and activations: the
 dequantize-then-matmul result to float32 rounding), `default` (native, for speed at negligible
 quality cost: as `exact`, except that the int8 head rounds its activations to int16 per row,
-relative error ≤ 2^-15 of the row's largest value, and sums in integers) or `reference`
-(PyTorch only). An int16-table variant of the lookup-table kernel (one 16-bit shuffle per 32
-weights) measured no faster on the whole model here (AVX-512, Zen 4), so the lookup tables stay
-float32 in every mode. The native library is compiled on first use (see `build`); `isa()`
+relative error ≤ 2^-15 of the row's largest value, and sums in integers), `fast` (as `default`,
+and 4-bit products use int8 tables with integer sums where the CPU has AVX-512 VNNI: see
+`int8_tables`; a small quality cost, reported by the benchmark) or `reference` (PyTorch only). The native library is compiled on first use (see `build`); `isa()`
 names the instruction set in use.
 """
 
@@ -29,7 +28,7 @@ from openafm.kernels import reference
 from openafm.kernels.build import load_native
 from openafm.kernels.repack import SUPPORTED_BITS, planes_nbytes, repack, unpack
 
-MODES = ("reference", "exact", "default")
+MODES = ("reference", "exact", "default", "fast")
 MODE_ENV = "OPENAFM_KERNEL"
 MAX_KERNEL_ROWS = 16  # more activation rows: dequantize once, then a GEMM
 ISA_NAMES = {1: "portable C++", 2: "AVX2+FMA", 3: "AVX-512"}
@@ -87,6 +86,12 @@ def isa() -> str:
     return ISA_NAMES[int(torch.ops.openafm.best_isa())]
 
 
+def int8_tables_apply(isa: str = "best") -> bool:
+    """Whether 4-bit products given int8 tables compute with them on this CPU (AVX-512 with
+    VNNI); elsewhere the float tables serve."""
+    return load_native() and bool(torch.ops.openafm.int8_tables_apply(ISA_CODES[isa]))
+
+
 def supported_isas() -> list[str]:
     """Every native path this CPU can run (for tests and benchmarks)."""
     if not load_native():
@@ -105,14 +110,19 @@ def lut_linear(
     out_features: int,
     *,
     lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    int8_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
     isa: str = "best",
 ) -> torch.Tensor:
     """`x Wᵀ` in float32 for a palettized W in the kernels' layout (tables, scale: float32),
-    plus `s · (x Aᵀ) Bᵀ` when `lora` = (A, B, s) is given (float32 factors)."""
+    plus `s · (x Aᵀ) Bᵀ` when `lora` = (A, B, s) is given (float32 factors). With
+    `int8_tables` (see `int8_tables`), 4-bit weights compute with them and x rounded to int16
+    per row where the CPU has AVX-512 VNNI (`reference.lut_linear` says what that computes);
+    elsewhere the float tables serve."""
     if native():
         a, b, s = lora if lora is not None else (None, None, 1.0)
+        t8, ts = int8_tables if int8_tables is not None else (None, None)
         return torch.ops.openafm.lut_linear(
-            x, planes, tables, scale, bits, group, out_features, ISA_CODES[isa], a, b, s
+            x, planes, tables, scale, bits, group, out_features, ISA_CODES[isa], a, b, s, t8, ts
         )
     y = reference.lut_linear(x, planes, tables, scale, bits, group, out_features)
     return y if lora is None else y + reference.low_rank(x, *lora)
@@ -122,11 +132,14 @@ def lut_linear_many(
     x: torch.Tensor,
     weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, int]],
     loras: list[tuple[torch.Tensor, torch.Tensor, float] | None],
+    int8_tables: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     *,
     isa: str = "best",
 ) -> list[torch.Tensor]:
     """`lut_linear` for several weights of the same input (q/k/v, gate/up) in one call: each
-    weight is (planes, tables, scale, bits, group, out_features), with its optional LoRA."""
+    weight is (planes, tables, scale, bits, group, out_features), with its optional LoRA and
+    int8 tables."""
+    tables8 = int8_tables or [None] * len(weights)
     if not native():
         return [
             lut_linear(x, *w, lora=lora, isa=isa) for w, lora in zip(weights, loras, strict=True)
@@ -135,9 +148,21 @@ def lut_linear_many(
     a = [None if lora is None else lora[0] for lora in loras]
     b = [None if lora is None else lora[1] for lora in loras]
     s = [1.0 if lora is None else lora[2] for lora in loras]
+    t8 = [None if t is None else t[0] for t in tables8]
+    ts = [None if t is None else t[1] for t in tables8]
     return torch.ops.openafm.lut_linear_many(
-        x, planes, tables, scales, bits, groups, outs, ISA_CODES[isa], a, b, s
+        x, planes, tables, scales, bits, groups, outs, ISA_CODES[isa], a, b, s, t8, ts
     )
+
+
+def int8_tables(tables: torch.Tensor, bits: int, group_entries: int) -> tuple[torch.Tensor, ...]:
+    """Float tables (groups · 2^bits entries) → int8 tables for the integer kernel: per group,
+    entries rounded to 127 steps of the group's largest magnitude, stored + 128 as uint8, and
+    the step (float32)."""
+    t = tables.float().view(-1, group_entries)
+    step = (t.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(t / step.unsqueeze(1)).clamp(-127, 127)
+    return (q + 128).to(torch.uint8).contiguous().view(-1), step.contiguous()
 
 
 def lut_dequantize(
@@ -148,11 +173,13 @@ def lut_dequantize(
     group: int,
     out_features: int,
     in_features: int,
+    *,
+    isa: str = "best",
 ) -> torch.Tensor:
     """The dense float32 matrix of a palettized W in the kernels' layout."""
     if native():
         return torch.ops.openafm.lut_dequantize(
-            planes, tables, scale, bits, group, out_features, in_features
+            planes, tables, scale, bits, group, out_features, in_features, ISA_CODES[isa]
         )
     return reference.lut_dequantize(planes, tables, scale, bits, group, out_features, in_features)
 
@@ -163,7 +190,7 @@ def int8_linear(
     """`x Vᵀ · scale` in float32 for int8 rows V (scale: float32, one per row)."""
     current = mode()
     if current != "reference":
-        quantize = current == "default"
+        quantize = current in ("default", "fast")
         return torch.ops.openafm.int8_linear(x, values, scale, ISA_CODES[isa], quantize)
     return reference.int8_linear(x, values, scale)
 
@@ -187,6 +214,8 @@ __all__ = [
     "MODES",
     "SUPPORTED_BITS",
     "int8_linear",
+    "int8_tables",
+    "int8_tables_apply",
     "isa",
     "load_native",
     "lut_dequantize",

@@ -25,10 +25,12 @@ STAGES = ("norms", "projections", "rope_and_cache", "attention", "activation")
 
 @dataclass(frozen=True)
 class StackProjection:
-    """A palettized weight (planes, tables, scale, bits, group, out_features) and its LoRA."""
+    """A palettized weight (planes, tables, scale, bits, group, out_features), its LoRA and
+    its int8 tables (see `kernels.int8_tables`), if any."""
 
     weight: LutWeight
     lora: Lora | None = None
+    int8_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,17 +110,15 @@ def _build(layers: list[StackLayer], shape: StackShape, isa: int) -> object:
             tensors += [layer.q_norm, layer.k_norm]
         for projection in layer.projections:
             planes, tables, scale, bits, group, out_features = projection.weight
-            ints += [
-                bits,
-                group,
-                out_features,
-                int(scale is not None),
-                int(projection.lora is not None),
-            ]
+            lora, tables8 = projection.lora, projection.int8_tables
+            ints += [bits, group, out_features]
+            ints += [int(scale is not None), int(lora is not None), int(tables8 is not None)]
             tensors += [planes, tables]
             if scale is not None:
                 tensors.append(scale)
-            if projection.lora is not None:
-                tensors += projection.lora[:2]
+            if lora is not None:
+                tensors += lora[:2]
+            if tables8 is not None:
+                tensors += tables8
             floats.append(1.0 if projection.lora is None else projection.lora[2])
     return torch.classes.openafm.DecoderStack(tensors, ints, floats)

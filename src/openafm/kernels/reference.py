@@ -41,10 +41,25 @@ def lut_linear(
     bits: int,
     group: int,
     out_features: int,
+    int8_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`x Wᵀ` for the palettized W (float32)."""
+    """`x Wᵀ` for the palettized W (float32). With `int8_tables` (uint8 entries + 128, a step
+    per group), W takes the int8 tables' values and x is rounded to int16 per row
+    (`int16_rows`): what the integer kernel computes."""
+    if int8_tables is not None:
+        entries, step = int8_tables
+        tables = ((entries.float() - 128) * step.repeat_interleave(1 << bits)).contiguous()
+        x = int16_rows(x.float())
     w = lut_dequantize(planes, tables, scale, bits, group, out_features, x.shape[-1])
     return F.linear(x.float(), w)
+
+
+def int16_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row rounded to a multiple of its largest magnitude / 16383 (the integer kernels'
+    activations)."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    step = torch.where(amax > 0, amax / 16383, torch.ones_like(amax))
+    return torch.round(x * (1.0 / step)) * step
 
 
 def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -112,5 +127,5 @@ def decoder_stack(
 
 
 def _product(x: torch.Tensor, projection: StackProjection) -> torch.Tensor:
-    y = lut_linear(x, *projection.weight)
+    y = lut_linear(x, *projection.weight, int8_tables=projection.int8_tables)
     return y if projection.lora is None else y + low_rank(x, *projection.lora)

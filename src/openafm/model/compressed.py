@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Protocol
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from openafm import kernels
 
 _WEIGHT_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_INT8_TABLES_APPLY = cache(kernels.int8_tables_apply)
 _KERNEL_ALIGNMENT = 64  # bytes; PyTorch's CPU allocator aligns to this
 
 
@@ -99,7 +101,8 @@ class LowRankUpdate(Protocol):
 
 
 LoraArgs = tuple[torch.Tensor, torch.Tensor, float]
-NativePlan = tuple[tuple, LoraArgs | None]
+Int8Tables = tuple[torch.Tensor, torch.Tensor]
+NativePlan = tuple[tuple, LoraArgs | None, Int8Tables | None]
 
 
 def _plus(y: torch.Tensor, delta: LowRankUpdate | None, x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +177,8 @@ class PalettizedWeight(nn.Module):
         self.register_buffer("planes", None, persistent=False)
         self.register_buffer("tables", None, persistent=False)
         self.register_buffer("row_scale", None, persistent=False)
+        self.register_buffer("tables8", None, persistent=False)  # 4 bits: see kernels.int8_tables
+        self.register_buffer("table_step", None, persistent=False)
         self.dense_cache: torch.Tensor | None = None  # see `dense_copies`
 
     @property
@@ -188,6 +193,8 @@ class PalettizedWeight(nn.Module):
         self.planes = kernels.repack(idx, self.bits)
         self.tables = self.lut.float().flatten().contiguous()
         self.row_scale = None if self.scale is None else self.scale.float().contiguous()
+        if self.bits == 4:
+            self.tables8, self.table_step = kernels.int8_tables(self.tables, self.bits, 16)
         self.indices = torch.empty(0, dtype=torch.uint8)
 
     def packed_indices(self) -> torch.Tensor:
@@ -205,7 +212,7 @@ class PalettizedWeight(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         if self.planes is not None and prefix + "indices" in state_dict:
             self.indices = torch.empty_like(state_dict[prefix + "indices"])
-            self.planes = self.tables = self.row_scale = None
+            self.planes = self.tables = self.row_scale = self.tables8 = self.table_step = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -244,7 +251,15 @@ class PalettizedWeight(nn.Module):
         self.repack()
         if rows > kernels.MAX_KERNEL_ROWS:
             return None
-        return self._kernel_args, None if delta is None else _fusable(delta)
+        lora = None if delta is None else _fusable(delta)
+        return self._kernel_args, lora, self.int8_tables()
+
+    def int8_tables(self) -> Int8Tables | None:
+        """The int8 tables the `fast` kernel mode computes with (4 bits, where the CPU has the
+        integer kernel), else None."""
+        if self.tables8 is None or self.table_step is None or kernels.mode() != "fast":
+            return None
+        return (self.tables8, self.table_step) if _INT8_TABLES_APPLY() else None
 
     def linear(self, x: torch.Tensor, delta: LowRankUpdate | None = None) -> torch.Tensor:
         """`x Wᵀ`, plus `delta(x)` (an adapter), which the native kernel adds itself if it can."""
@@ -252,8 +267,9 @@ class PalettizedWeight(nn.Module):
         if plan is None:
             dtype = _compute_dtype(x)
             return _plus(F.linear(x.to(dtype), self.dequantize(dtype)), delta, x)
-        args, lora = plan
-        return finish_native(kernels.lut_linear(x.float(), *args, lora=lora), x, delta, lora)
+        args, lora, tables8 = plan
+        y = kernels.lut_linear(x.float(), *args, lora=lora, int8_tables=tables8)
+        return finish_native(y, x, delta, lora)
 
     def storage_bits(self) -> int:
         """Bits stored on disk: indices, tables and scales."""

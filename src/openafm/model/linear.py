@@ -113,8 +113,8 @@ def project(x: torch.Tensor, *projections: Linear) -> tuple[torch.Tensor, ...]:
             break
         plans.append(plan)
     else:
-        weights, loras = zip(*plans, strict=True)
-        ys = kernels.lut_linear_many(x.float(), list(weights), list(loras))
+        weights, loras, tables8 = zip(*plans, strict=True)
+        ys = kernels.lut_linear_many(x.float(), list(weights), list(loras), list(tables8))
         return tuple(
             finish_native(y, x, p.delta, lora)
             for y, p, lora in zip(ys, projections, loras, strict=True)

@@ -54,7 +54,7 @@ def stack_for(model: Transformer, h: torch.Tensor, cache: KVCache | None) -> Dec
         return None
     signature = _signature(plan)
     if len(signature) != len(plan.signature) or any(
-        a is not b and not (type(a) is float and a == b)
+        a is not b and not (type(a) in (float, str) and a == b)
         for a, b in zip(signature, plan.signature, strict=True)
     ):
         plan.stack = _build(model, h)
@@ -91,6 +91,7 @@ def _signature(plan: _Plan) -> list[object]:
     out += [getattr(linear.compressed, "planes", None) for linear in plan.linears]
     out += [getattr(linear.compressed, "dense_cache", None) for linear in plan.linears]
     out += [norm.weight for norm in plan.norms]
+    out.append(kernels.mode())  # `default` computes 4-bit products with int8 tables
     return out
 
 
@@ -154,7 +155,7 @@ def _projection(linear: nn.Module, h: torch.Tensor) -> StackProjection | None:
     plan = weight.native_product(h, linear.delta)
     if plan is None:
         return None
-    args, lora = plan
+    args, lora, tables8 = plan
     if linear.delta is not None and lora is None:  # an update the kernel cannot add
         return None
-    return StackProjection(args, lora)
+    return StackProjection(args, lora, tables8)

@@ -14,7 +14,7 @@ from openafm.model.compressed import is_compressed
 from openafm.runtime.adapter_cache import AdapterCache, overlaid, overlay
 from openafm.runtime.detokenize import IncrementalDetokenizer, StopMatcher
 from openafm.runtime.sampling import SamplingParams, sample_next
-from openafm.runtime.speculative import PromptLookup, next_draft_length, verify
+from openafm.runtime.speculative import Drafter, DraftModel, next_draft_length, verify
 from openafm.runtime.threads import ThreadTuner
 from openafm.tokenizer import Tokenizer
 
@@ -84,7 +84,8 @@ class Engine:
     batch; each row stops on its own. With an `AdapterCache`, each request may name a feature
     adapter; rows of one batch may use different adapters. With `speculation`, a single prompt
     decodes speculatively (drafts verified in one forward; the output is what plain decoding
-    gives); batches of several prompts decode plainly. Decode steps choose their thread count
+    gives; a `PromptLookup` or a `DraftModel` drafts); batches of several prompts decode
+    plainly. Decode steps choose their thread count
     by timing (`ThreadTuner`), so another busy process on the machine does not collapse them;
     `tune_threads=False` keeps PyTorch's setting.
     """
@@ -97,10 +98,17 @@ class Engine:
         prefill_dtype: torch.dtype = torch.float32,
         cache_dtype: torch.dtype = torch.float32,
         adapters: AdapterCache | None = None,
-        speculation: PromptLookup | None = None,
+        speculation: Drafter | None = None,
         tune_threads: bool = True,
     ) -> None:
         self.model = model.eval()
+        if isinstance(speculation, DraftModel):
+            vocab = speculation.model.config.vocab_size
+            if vocab != model.config.vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary ({vocab}) is not the model's"
+                    f" ({model.config.vocab_size}): they must share the tokenizer"
+                )
         self.speculation = speculation
         self.threads = ThreadTuner() if tune_threads else None
         self.adapters = adapters
@@ -298,6 +306,7 @@ class Engine:
         writes it and the draft, and the cache forgets the rejected part of the draft.
         """
         assert self.speculation is not None
+        drafter = self.speculation.session(cache.max_len)
         accepted: list[int] = []
         length = self.speculation.max_draft
         while True:
@@ -311,10 +320,12 @@ class Engine:
                 if row.finish_reason:
                     return
             room = min(budget - len(row.token_ids) - 1, cache.max_len - cache.length - 1)
-            draft = self.speculation.propose(history, min(room, length))
-            with torch.inference_mode(), self._decode_threads():
-                logits = self.model(torch.tensor([[pending, *draft]]), cache)[0]
-            n_accepted, pending = verify(logits, draft, params, generator)
+            with self._decode_threads():
+                proposal = drafter.draft(history, min(room, length), params, generator)
+                draft = proposal.tokens
+                with torch.inference_mode():
+                    logits = self.model(torch.tensor([[pending, *draft]]), cache)[0]
+            n_accepted, pending = verify(logits, draft, params, generator, proposal.probs)
             cache.truncate(cache.length - (len(draft) - n_accepted))
             accepted = draft[:n_accepted]
             length = next_draft_length(length, len(draft), n_accepted, self.speculation.max_draft)

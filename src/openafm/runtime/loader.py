@@ -34,7 +34,7 @@ from openafm.model import Transformer
 from openafm.model.compressed import repack_for_kernels
 from openafm.runtime.adapter_cache import DEFAULT_BUDGET_BYTES, AdapterCache
 from openafm.runtime.engine import Engine
-from openafm.runtime.speculative import PromptLookup
+from openafm.runtime.speculative import Drafter
 from openafm.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("openafm")
@@ -154,7 +154,7 @@ def engine_for(
     prefill_dtype: torch.dtype = torch.float32,
     adapter_budget_bytes: int = DEFAULT_BUDGET_BYTES,
     force_adapters: bool = False,
-    speculation: PromptLookup | None = None,
+    speculation: Drafter | None = None,
 ) -> Engine:
     """An engine over a loaded model, with an adapter cache bound to the model's signature."""
     cache = AdapterCache(

@@ -29,7 +29,8 @@ namespace {
 using openafm::Projection;
 
 constexpr int64_t kProjections = 7;  // q, k, v, o, gate, up, down
-constexpr int64_t kIntsPerProjection = 5;  // bits, group, out_features, has_scale, has_lora
+constexpr int64_t kIntsPerProjection = 6;  // bits, group, out_features, has_scale, has_lora,
+                                           // has_int8_tables
 constexpr int64_t kHeaderInts = 6;  // layers, heads, kv_heads, head_dim, qk_norm, isa
 constexpr int64_t kGrainFlops = 1 << 15;  // attention work per task
 
@@ -98,9 +99,10 @@ class DecoderStack : public torch::CustomClassHolder {
  public:
   // tensors: per layer the two norm weights (and the per-head q and k norms' with qk_norm),
   // then per projection (q, k, v, o, gate, up, down) its planes and tables, its row scale if it
-  // has one, its LoRA factors A and B if it has them.
+  // has one, its LoRA factors A and B if it has them, its int8 tables and their scales if it
+  // has them.
   // ints: layers, heads, kv_heads, head_dim, qk_norm, isa, then per projection bits, group,
-  // out_features, has_scale, has_lora. floats: the norms' eps, then per projection its LoRA
+  // out_features, has_scale, has_lora, has_int8_tables. floats: the norms' eps, then per projection its LoRA
   // scale.
   DecoderStack(std::vector<at::Tensor> tensors, std::vector<int64_t> ints,
                std::vector<double> floats)
@@ -139,6 +141,7 @@ class DecoderStack : public torch::CustomClassHolder {
         p->group = ints[next_int + 1];
         p->out_features = ints[next_int + 2];
         const bool has_scale = ints[next_int + 3] != 0, has_lora = ints[next_int + 4] != 0;
+        const bool has_tables8 = ints[next_int + 5] != 0;
         next_int += kIntsPerProjection;
         p->planes = take();
         p->tables = take();
@@ -146,6 +149,10 @@ class DecoderStack : public torch::CustomClassHolder {
         if (has_lora) {
           p->lora_a = take();
           p->lora_b = take();
+        }
+        if (has_tables8) {
+          p->tables8 = take();
+          p->table_scale = take();
         }
         p->lora_scale = floats[next_float++];
       }

@@ -10,12 +10,14 @@
 namespace openafm {
 
 // One palettized weight in the kernels' layout (see lut_kernels.cpp), with an optional LoRA
-// update `lora_scale · (x Aᵀ) Bᵀ` (A (rank, in), B (out, rank), float32).
+// update `lora_scale · (x Aᵀ) Bᵀ` (A (rank, in), B (out, rank), float32) and optional int8
+// tables (4 bits: uint8 entry + 128 per group of 16, a float32 scale per group).
 struct Projection {
   at::Tensor planes, tables;
   std::optional<at::Tensor> scale, lora_a, lora_b;
   int64_t bits, group, out_features;
   double lora_scale;
+  std::optional<at::Tensor> tables8 = std::nullopt, table_scale = std::nullopt;
 };
 
 // The instruction set to run (0 = the best this CPU has); checks that the CPU has it.

@@ -65,6 +65,14 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_vnni() {
+#ifdef OPENAFM_X86
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 int64_t best_isa() {
   if (cpu_has_avx512()) return kAvx512;
   if (cpu_has_avx2()) return kAvx2;
@@ -89,6 +97,10 @@ struct Lut {
   const float* tables;
   const float* scale;  // may be null
   int64_t bits, group, rows, tiles, blocks;
+  // Optional int8 tables (4 bits): per group 16 bytes, entry + 128 as unsigned, and the
+  // group's float scale; products then run on integer dot products (see lut4_q8_tile512).
+  const uint8_t* tables8 = nullptr;
+  const float* table_scale = nullptr;
 
   const uint8_t* block(int64_t tile, int64_t blk) const {
     return planes + (tile * blocks + blk) * kRows * block_bytes(bits);
@@ -101,6 +113,13 @@ struct Lut {
 struct Acts {
   const float* data;
   int64_t m, ld;
+  // The same rows rounded to int16 per row (scale `xs`), split into signed bytes
+  // (q = 256·hi + lo, `ldb` per row) with their sums (Σlo, Σhi per row): for integer kernels.
+  const int8_t* lo = nullptr;
+  const int8_t* hi = nullptr;
+  int64_t ldb = 0;
+  const int32_t* sums = nullptr;
+  const float* xs = nullptr;
 };
 
 // ---- portable ------------------------------------------------------------------------------
@@ -275,7 +294,7 @@ OPENAFM_AVX512 void lut_tile512(const Lut& w, const float* x, int64_t ldx, float
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < w.blocks; ++blk) {
     const uint8_t* p = w.block(tile, blk);
-    _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kRows * bb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 32 * kRows * bb), _MM_HINT_T0);
     __m512 x0[MC], x1[MC];
     for (int m = 0; m < MC; ++m) {
       x0[m] = _mm512_loadu_ps(x + m * ldx + blk * kBlock);
@@ -310,6 +329,33 @@ OPENAFM_AVX512 void lut_tiles512(const Lut& w, const Acts& x, float* y, int64_t 
       case 2: lut_tile512<BITS, 2>(w, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, tile); break;
       case 1: lut_tile512<BITS, 1>(w, x.data + m0 * x.ld, x.ld, y + m0 * ldy, ldy, tile); break;
       default: break;
+    }
+  }
+}
+
+// One tile's rows of the dense matrix (row-major, `cols` wide): table value times row scale.
+template <int BITS>
+OPENAFM_AVX512 void dequantize_tile512(const Lut& w, int64_t tile, int64_t cols, float* dst) {
+  constexpr int64_t bb = 4 * BITS;
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t row = tile * kRows + r;
+    if (row >= w.rows) break;
+    const Table512<BITS> tab = load_table512<BITS>(w.table(row));
+    const __m512 s = _mm512_set1_ps(w.row_scale(row));
+    float* d = dst + row * cols;
+    for (int64_t blk = 0; blk < w.blocks; ++blk) {
+      __m512 w0, w1;
+      lookup512<BITS>(w.block(tile, blk) + r * bb, tab, w0, w1);
+      const int64_t c = blk * kBlock, n = std::min<int64_t>(kBlock, cols - c);
+      if (n == kBlock) {
+        _mm512_storeu_ps(d + c, _mm512_mul_ps(w0, s));
+        _mm512_storeu_ps(d + c + 16, _mm512_mul_ps(w1, s));
+      } else {
+        alignas(64) float tmp[kBlock];
+        _mm512_store_ps(tmp, _mm512_mul_ps(w0, s));
+        _mm512_store_ps(tmp + 16, _mm512_mul_ps(w1, s));
+        std::copy_n(tmp, n, d + c);
+      }
     }
   }
 }
@@ -367,6 +413,121 @@ OPENAFM_AVX512 void int8_rows512_q_chunk(const int8_t* v, const float* scale, in
     for (int m = 0; m < MC; ++m)
       y[m * ldy + row + r] =
           static_cast<float>(_mm512_reduce_add_epi32(acc[r][m])) * xs[m] * scale[row + r];
+}
+
+#define OPENAFM_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+
+// Activations quantized to int16 as above, split into a signed low byte and a high byte
+// (q = 256·hi + lo): two VNNI `vpdpbusd` per 64 weights instead of four instructions per 32.
+// `vpdpbusd` multiplies unsigned by signed bytes, so the weights are made unsigned (w ^ 0x80 =
+// w + 128); that adds 128·Σlo and 128·Σhi, which `sums` (Σlo, Σhi per activation row) take
+// back. The total is the same integer as the int16 path's, so the result is the same.
+template <int MC>
+OPENAFM_AVX512_VNNI void int8_rows512_vnni_chunk(const int8_t* v, const float* scale, int64_t k,
+                                                 const int8_t* lo, const int8_t* hi, int64_t ldb,
+                                                 const int32_t* sums, const float* xs, float* y,
+                                                 int64_t ldy, int64_t row) {
+  __m512i acc_lo[kRows][MC], acc_hi[kRows][MC];
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int m = 0; m < MC; ++m) acc_lo[r][m] = acc_hi[r][m] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t j = 0; j < k; j += 64) {
+    const bool full = k - j >= 64;
+    const __mmask64 mask = full ? ~0ull : (1ull << (k - j)) - 1;
+    __m512i xl[MC], xh[MC];
+    for (int m = 0; m < MC; ++m) {
+      xl[m] = _mm512_loadu_si512(lo + m * ldb + j);
+      xh[m] = _mm512_loadu_si512(hi + m * ldb + j);
+    }
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int8_t* src = v + (row + r) * k + j;
+      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * k), _MM_HINT_T0);
+      const __m512i raw = full ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8(mask, src);
+      const __m512i w = _mm512_xor_si512(raw, flip);
+      for (int m = 0; m < MC; ++m) {
+        acc_lo[r][m] = _mm512_dpbusd_epi32(acc_lo[r][m], w, xl[m]);
+        acc_hi[r][m] = _mm512_dpbusd_epi32(acc_hi[r][m], w, xh[m]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int m = 0; m < MC; ++m) {
+      const int64_t low = _mm512_reduce_add_epi32(acc_lo[r][m]) - int64_t{128} * sums[2 * m];
+      const int64_t high = _mm512_reduce_add_epi32(acc_hi[r][m]) - int64_t{128} * sums[2 * m + 1];
+      y[m * ldy + row + r] = static_cast<float>(low + 256 * high) * xs[m] * scale[row + r];
+    }
+}
+
+// 16 bytes repeated in the four 128-bit lanes.
+OPENAFM_AVX512_VNNI inline __m512i every_lane(const int8_t* src) {
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+}
+
+// 4-bit weights with int8 tables against the int16 activations' bytes: per block, each row's
+// 32 indices are looked up with one `vpshufb` per 16 (the four rows of a tile are the four
+// 128-bit lanes, each with its row's table) and multiplied with two `vpdpbusd` per half. The
+// integer total is exact; the table entries carry the only rounding (to 8 bits of their range).
+template <int MC>
+OPENAFM_AVX512_VNNI void lut4_q8_tile512(const Lut& w, const Acts& x, float* y, int64_t ldy,
+                                         int64_t tile) {
+  alignas(64) uint8_t lanes[64];
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t row = std::min(tile * kRows + r, w.rows - 1);
+    std::memcpy(lanes + 16 * r, w.tables8 + (row / w.group) * 16, 16);
+  }
+  const __m512i tab = _mm512_load_si512(lanes);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512i acc_lo[MC], acc_hi[MC];
+  for (int m = 0; m < MC; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_si512();
+  for (int64_t blk = 0; blk < w.blocks; ++blk) {
+    const uint8_t* p = w.block(tile, blk);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 32 * 64), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i w0 = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, nibble));
+    const __m512i w1 = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+    for (int m = 0; m < MC; ++m) {
+      const int8_t* lo = x.lo + m * x.ldb + blk * kBlock;
+      const int8_t* hi = x.hi + m * x.ldb + blk * kBlock;
+      acc_lo[m] = _mm512_dpbusd_epi32(acc_lo[m], w0, every_lane(lo));
+      acc_lo[m] = _mm512_dpbusd_epi32(acc_lo[m], w1, every_lane(lo + 16));
+      acc_hi[m] = _mm512_dpbusd_epi32(acc_hi[m], w0, every_lane(hi));
+      acc_hi[m] = _mm512_dpbusd_epi32(acc_hi[m], w1, every_lane(hi + 16));
+    }
+  }
+  for (int m = 0; m < MC; ++m) {
+    alignas(64) int32_t lo[16], hi[16];
+    _mm512_store_si512(lo, acc_lo[m]);
+    _mm512_store_si512(hi, acc_hi[m]);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t row = tile * kRows + r;
+      if (row >= w.rows) break;
+      int64_t low = -int64_t{128} * x.sums[2 * m], high = -int64_t{128} * x.sums[2 * m + 1];
+      for (int d = 0; d < 4; ++d) {
+        low += lo[4 * r + d];
+        high += hi[4 * r + d];
+      }
+      y[m * ldy + row] = static_cast<float>(low + 256 * high) * x.xs[m] *
+                         w.table_scale[row / w.group] * w.row_scale(row);
+    }
+  }
+}
+
+OPENAFM_AVX512_VNNI void lut4_q8_tiles512(const Lut& w, const Acts& x, float* y, int64_t ldy,
+                                          int64_t t0, int64_t t1) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= x.m; m0 += 4) {
+      const Acts xm{x.data, 4, x.ld, x.lo + m0 * x.ldb, x.hi + m0 * x.ldb, x.ldb,
+                    x.sums + 2 * m0, x.xs + m0};
+      lut4_q8_tile512<4>(w, xm, y + m0 * ldy, ldy, tile);
+    }
+    for (; m0 < x.m; ++m0) {
+      const Acts xm{x.data, 1, x.ld, x.lo + m0 * x.ldb, x.hi + m0 * x.ldb, x.ldb,
+                    x.sums + 2 * m0, x.xs + m0};
+      lut4_q8_tile512<1>(w, xm, y + m0 * ldy, ldy, tile);
+    }
+  }
 }
 
 OPENAFM_AVX512 void int8_rows512(const int8_t* v, const float* scale, int64_t k, const Acts& x,
@@ -501,6 +662,27 @@ OPENAFM_AVX2 void lut_tile256(const Lut& w, const float* x, int64_t ldx, float* 
 }
 
 template <int BITS>
+OPENAFM_AVX2 void dequantize_tile256(const Lut& w, int64_t tile, int64_t cols, float* dst) {
+  constexpr int64_t bb = 4 * BITS;
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t row = tile * kRows + r;
+    if (row >= w.rows) break;
+    const Table256<BITS> tab = load_table256<BITS>(w.table(row));
+    const __m256 s = _mm256_set1_ps(w.row_scale(row));
+    float* d = dst + row * cols;
+    for (int64_t blk = 0; blk < w.blocks; ++blk) {
+      __m256 wv[4];
+      lookup_block256<BITS>(w.block(tile, blk) + r * bb, tab, wv);
+      const int64_t c = blk * kBlock, n = std::min<int64_t>(kBlock, cols - c);
+      alignas(32) float tmp[kBlock];
+      float* out = n == kBlock ? d + c : tmp;
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(out + 8 * q, _mm256_mul_ps(wv[q], s));
+      if (n != kBlock) std::copy_n(tmp, n, d + c);
+    }
+  }
+}
+
+template <int BITS>
 OPENAFM_AVX2 void lut_tiles256(const Lut& w, const Acts& x, float* y, int64_t ldy, int64_t t0,
                                int64_t t1) {
   for (int64_t tile = t0; tile < t1; ++tile) {
@@ -587,6 +769,47 @@ OPENAFM_AVX2 void int8_rows256(const int8_t* v, const float* scale, int64_t k, c
 // ---- dispatch ------------------------------------------------------------------------------
 
 using LutTiles = void (*)(const Lut&, const Acts&, float*, int64_t, int64_t, int64_t);
+
+void dequantize_tile_portable(const Lut& w, int64_t tile, int64_t cols, float* dst) {
+  const int64_t bb = block_bytes(w.bits);
+  uint8_t idx[kBlock];
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t row = tile * kRows + r;
+    if (row >= w.rows) break;
+    const float* table = w.table(row);
+    const float s = w.row_scale(row);
+    float* d = dst + row * cols;
+    for (int64_t blk = 0; blk < w.blocks; ++blk) {
+      decode_block(w.block(tile, blk) + r * bb, w.bits, idx);
+      const int64_t n = std::min<int64_t>(kBlock, cols - blk * kBlock);
+      for (int64_t j = 0; j < n; ++j) d[blk * kBlock + j] = table[idx[j]] * s;
+    }
+  }
+}
+
+using DequantizeTile = void (*)(const Lut&, int64_t, int64_t, float*);
+
+DequantizeTile dequantize_tile_for(int64_t isa, int64_t bits) {
+#ifdef OPENAFM_X86
+  if (isa == kAvx512) {
+    switch (bits) {
+      case 2: return dequantize_tile512<2>;
+      case 3: return dequantize_tile512<3>;
+      case 4: return dequantize_tile512<4>;
+      case 6: return dequantize_tile512<6>;
+    }
+  }
+  if (isa == kAvx2) {
+    switch (bits) {
+      case 2: return dequantize_tile256<2>;
+      case 3: return dequantize_tile256<3>;
+      case 4: return dequantize_tile256<4>;
+      case 6: return dequantize_tile256<6>;
+    }
+  }
+#endif
+  return dequantize_tile_portable;
+}
 
 LutTiles lut_tiles_for(int64_t isa, int64_t bits) {
 #ifdef OPENAFM_X86
@@ -743,6 +966,85 @@ LowRank low_rank(const at::Tensor& flat_x, const std::optional<at::Tensor>& a,
   return lr;
 }
 
+// |Σ w·q| ≤ 127 · 16383 · k < 2^31: int32 sums of int8 × int16 products stay exact.
+constexpr int64_t kMaxQuantCols = 1024;
+
+// Activations (m, k) → int16 (m, k rounded up to 32, zero-padded) with one scale per row.
+void quantize_rows(const float* x, int64_t m, int64_t k, int16_t* q, int64_t ldq, float* scales) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * k;
+    float amax = 0.0f;
+    for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::abs(xi[j]));
+    const float s = amax > 0.0f ? amax / 16383.0f : 1.0f;
+    const float inv = 1.0f / s;
+    int16_t* qi = q + i * ldq;
+    for (int64_t j = 0; j < k; ++j) qi[j] = static_cast<int16_t>(std::nearbyint(xi[j] * inv));
+    for (int64_t j = k; j < ldq; ++j) qi[j] = 0;
+    scales[i] = s;
+  }
+}
+
+// Rows x (m, k) rounded to int16 per row (as `quantize_rows`) and split into signed bytes
+// q = 256·hi + lo (|hi| ≤ 64), `ldb` (a multiple of 64 ≥ k) per row, zero-padded; with Σlo and
+// Σhi per row. `acts` then points into the tensors held here.
+struct SplitActs {
+  at::Tensor bytes, sums, scales;
+
+  SplitActs(const float* x, int64_t m, int64_t k, Acts& acts, const at::TensorOptions& options) {
+    const int64_t ldb = (k + 63) / 64 * 64;
+    at::Tensor q = at::empty({m * ldb}, options.dtype(at::kShort));
+    scales = at::empty({m}, options.dtype(at::kFloat));
+    quantize_rows(x, m, k, q.data_ptr<int16_t>(), ldb, scales.data_ptr<float>());
+    bytes = at::empty({2 * m * ldb}, options.dtype(at::kChar));
+    sums = at::empty({2 * m}, options.dtype(at::kInt));
+    const int16_t* qv = q.data_ptr<int16_t>();
+    int8_t* lo = bytes.data_ptr<int8_t>();
+    int8_t* hi = lo + m * ldb;
+    int32_t* sum = sums.data_ptr<int32_t>();
+    for (int64_t i = 0; i < m; ++i) {
+      int32_t sum_lo = 0, sum_hi = 0;
+      for (int64_t j = i * ldb; j < (i + 1) * ldb; ++j) {
+        const int8_t low = static_cast<int8_t>(qv[j] & 0xFF);
+        const int8_t high = static_cast<int8_t>((qv[j] - low) >> 8);
+        lo[j] = low;
+        hi[j] = high;
+        sum_lo += low;
+        sum_hi += high;
+      }
+      sum[2 * i] = sum_lo;
+      sum[2 * i + 1] = sum_hi;
+    }
+    acts.lo = lo;
+    acts.hi = hi;
+    acts.ldb = ldb;
+    acts.sums = sum;
+    acts.xs = scales.data_ptr<float>();
+  }
+};
+
+// Whether a product with int8 tables runs on them here (4 bits, AVX-512 with VNNI); elsewhere
+// the float tables serve.
+bool int8_tables_apply(int64_t isa, int64_t bits) {
+#ifdef OPENAFM_X86
+  return bits == 4 && isa == kAvx512 && cpu_has_avx512_vnni();
+#else
+  return false;
+#endif
+}
+
+void check_int8_tables(Lut& w, const at::Tensor& tables8,
+                       const std::optional<at::Tensor>& table_scale) {
+  const int64_t groups = w.rows / w.group;
+  TORCH_CHECK(tables8.scalar_type() == at::kByte && tables8.is_contiguous() &&
+                  tables8.numel() == groups * 16 && table_scale.has_value() &&
+                  table_scale->scalar_type() == at::kFloat && table_scale->is_contiguous() &&
+                  table_scale->numel() == groups,
+              "lookup-table kernel: int8 tables must be contiguous uint8 of ", groups * 16,
+              " entries with float32 scales of ", groups);
+  w.tables8 = tables8.data_ptr<uint8_t>();
+  w.table_scale = table_scale->data_ptr<float>();
+}
+
 // One product of `project`: a weight, its optional LoRA update, its output.
 struct Product {
   Lut w;
@@ -763,17 +1065,28 @@ std::vector<at::Tensor> project(const at::Tensor& flat, const std::vector<const 
   std::vector<Product> products;
   std::vector<int64_t> first_tile{0};  // prefix sums of the tiles
   products.reserve(n);
+  bool integer = false;  // some product runs on int8 tables and integer activations
   for (const Projection* p : ws) {
-    const Lut w = check_lut(p->planes, p->tables, p->scale, p->bits, p->group, p->out_features,
-                            in_features);
-    products.push_back(Product{w, lut_tiles_for(isa, p->bits),
+    Lut w = check_lut(p->planes, p->tables, p->scale, p->bits, p->group, p->out_features,
+                      in_features);
+    LutTiles run = lut_tiles_for(isa, p->bits);
+    if (p->tables8.has_value() && int8_tables_apply(isa, p->bits)) {
+      check_int8_tables(w, *p->tables8, p->table_scale);
+#ifdef OPENAFM_X86
+      run = lut4_q8_tiles512;
+#endif
+      integer = true;
+    }
+    products.push_back(Product{w, run,
                                low_rank(flat, p->lora_a, p->lora_b, p->lora_scale, p->out_features),
                                at::empty({m, p->out_features}, flat.options())});
     first_tile.push_back(first_tile.back() + w.tiles);
   }
   const int64_t blocks = products[0].w.blocks;
   const at::Tensor xp = padded_activations(flat, blocks * kBlock);
-  const Acts acts{xp.data_ptr<float>(), m, xp.size(1)};
+  Acts acts{xp.data_ptr<float>(), m, xp.size(1)};
+  std::optional<SplitActs> split;
+  if (integer) split.emplace(flat.data_ptr<float>(), m, in_features, acts, flat.options());
   const int64_t grain = std::max<int64_t>(1, kGrainWeights / (kRows * blocks * kBlock * m));
   at::parallel_for(0, first_tile.back(), grain, [&](int64_t g0, int64_t g1) {
     for (int64_t i = 0; i < n; ++i) {
@@ -828,12 +1141,15 @@ std::vector<at::Tensor> lut_linear_many(
     const c10::List<std::optional<at::Tensor>>& scales, at::IntArrayRef bits,
     at::IntArrayRef groups, at::IntArrayRef out_features, int64_t isa,
     const c10::List<std::optional<at::Tensor>>& lora_a,
-    const c10::List<std::optional<at::Tensor>>& lora_b, at::ArrayRef<double> lora_scales) {
+    const c10::List<std::optional<at::Tensor>>& lora_b, at::ArrayRef<double> lora_scales,
+    const c10::List<std::optional<at::Tensor>>& tables8,
+    const c10::List<std::optional<at::Tensor>>& table_scales) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu(), "lut_linear: x must be float32 on CPU");
   const size_t n = planes.size();
   TORCH_CHECK(n >= 1 && tables.size() == n && scales.size() == n && bits.size() == n &&
                   groups.size() == n && out_features.size() == n && lora_a.size() == n &&
-                  lora_b.size() == n && lora_scales.size() == n,
+                  lora_b.size() == n && lora_scales.size() == n &&
+                  (tables8.empty() || (tables8.size() == n && table_scales.size() == n)),
               "lut_linear: give every argument list one entry per weight");
   std::vector<openafm::Projection> ws;
   ws.reserve(n);
@@ -841,6 +1157,10 @@ std::vector<at::Tensor> lut_linear_many(
     ws.push_back(openafm::Projection{planes[i], tables[i], scales.get(i), lora_a.get(i),
                                      lora_b.get(i), bits[i], groups[i], out_features[i],
                                      lora_scales[i]});
+    if (!tables8.empty()) {
+      ws.back().tables8 = tables8.get(i);
+      ws.back().table_scale = table_scales.get(i);
+    }
   }
   std::vector<const openafm::Projection*> refs;
   for (const auto& w : ws) refs.push_back(&w);
@@ -854,63 +1174,37 @@ std::vector<at::Tensor> lut_linear_many(
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& tables,
                       const std::optional<at::Tensor>& scale, int64_t bits, int64_t group,
                       int64_t out_features, int64_t isa, const std::optional<at::Tensor>& lora_a,
-                      const std::optional<at::Tensor>& lora_b, double lora_scale) {
-  c10::List<std::optional<at::Tensor>> scales, as, bs;
+                      const std::optional<at::Tensor>& lora_b, double lora_scale,
+                      const std::optional<at::Tensor>& tables8,
+                      const std::optional<at::Tensor>& table_scale) {
+  c10::List<std::optional<at::Tensor>> scales, as, bs, t8, ts;
   scales.push_back(scale);
   as.push_back(lora_a);
   bs.push_back(lora_b);
+  t8.push_back(tables8);
+  ts.push_back(table_scale);
   return lut_linear_many(x, {planes}, {tables}, scales, {bits}, {group}, {out_features}, isa, as,
-                         bs, {lora_scale})[0];
+                         bs, {lora_scale}, t8, ts)[0];
 }
 
 // The dense float32 matrix (out_features, in_features) of a palettized weight (for prefill).
 at::Tensor lut_dequantize(const at::Tensor& planes, const at::Tensor& tables,
                           const std::optional<at::Tensor>& scale, int64_t bits, int64_t group,
-                          int64_t out_features, int64_t in_features) {
+                          int64_t out_features, int64_t in_features, int64_t isa) {
   const Lut w = check_lut(planes, tables, scale, bits, group, out_features, in_features);
   at::Tensor out = at::empty({out_features, in_features}, tables.options());
   float* dst = out.data_ptr<float>();
-  const int64_t bb = block_bytes(bits);
+  const DequantizeTile run = dequantize_tile_for(resolve(isa), bits);
   at::parallel_for(0, w.tiles, 16, [&](int64_t t0, int64_t t1) {
-    uint8_t idx[kBlock];
-    for (int64_t tile = t0; tile < t1; ++tile) {
-      for (int64_t r = 0; r < kRows; ++r) {
-        const int64_t row = tile * kRows + r;
-        if (row >= out_features) break;
-        const float* table = w.table(row);
-        const float s = w.row_scale(row);
-        float* d = dst + row * in_features;
-        for (int64_t blk = 0; blk < w.blocks; ++blk) {
-          decode_block(w.block(tile, blk) + r * bb, bits, idx);
-          const int64_t n = std::min<int64_t>(kBlock, in_features - blk * kBlock);
-          for (int64_t j = 0; j < n; ++j) d[blk * kBlock + j] = table[idx[j]] * s;
-        }
-      }
-    }
+    for (int64_t tile = t0; tile < t1; ++tile) run(w, tile, in_features, dst);
   });
   return out;
 }
 
-constexpr int64_t kMaxQuantCols = 16384;  // int32 sums of int8 x int16 products stay exact
-
-// Activations (m, k) → int16 (m, k rounded up to 32, zero-padded) with one scale per row.
-void quantize_rows(const float* x, int64_t m, int64_t k, int16_t* q, int64_t ldq, float* scales) {
-  for (int64_t i = 0; i < m; ++i) {
-    const float* xi = x + i * k;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::abs(xi[j]));
-    const float s = amax > 0.0f ? amax / 16383.0f : 1.0f;
-    const float inv = 1.0f / s;
-    int16_t* qi = q + i * ldq;
-    for (int64_t j = 0; j < k; ++j) qi[j] = static_cast<int16_t>(std::nearbyint(xi[j] * inv));
-    for (int64_t j = k; j < ldq; ++j) qi[j] = 0;
-    scales[i] = s;
-  }
-}
-
 // y = x Vᵀ · scale for int8 rows V (out, in) with one float32 scale per row. With
 // `quantize_activations`, x is first rounded to int16 per row (relative error ≤ 2^-15 of the
-// row's largest value) and the products are summed exactly in integers: 2-3x faster.
+// row's largest value) and the products are summed exactly in integers: 2-3x faster (more with
+// AVX-512 VNNI, same result).
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& scale,
                        int64_t isa, bool quantize_activations) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu(), "int8_linear: x must be float32 on CPU");
@@ -929,12 +1223,25 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& values, const at::
   const float* s = scale.data_ptr<float>();
   float* out = y.data_ptr<float>();
   const bool quantized = quantize_activations && chosen != kPortable && k <= kMaxQuantCols;
+#ifdef OPENAFM_X86
+  const bool vnni = quantized && chosen == kAvx512 && cpu_has_avx512_vnni();
+#else
+  const bool vnni = false;
+#endif
   const int64_t ldq = (k + kBlock - 1) / kBlock * kBlock;
-  at::Tensor xq = at::empty({quantized ? m * ldq : 0}, x.options().dtype(at::kShort));
+  at::Tensor xq = at::empty({quantized && !vnni ? m * ldq : 0}, x.options().dtype(at::kShort));
   at::Tensor xs = at::empty({m}, x.options());
-  if (quantized) quantize_rows(acts.data, m, k, xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>());
-  const int16_t* q = quantized ? xq.data_ptr<int16_t>() : nullptr;
-  const float* qs = xs.data_ptr<float>();
+  if (quantized && !vnni)
+    quantize_rows(acts.data, m, k, xq.data_ptr<int16_t>(), ldq, xs.data_ptr<float>());
+  Acts split_acts = acts;
+  std::optional<SplitActs> split;
+  if (vnni) split.emplace(acts.data, m, k, split_acts, x.options());
+  const int16_t* q = quantized && !vnni ? xq.data_ptr<int16_t>() : nullptr;
+  const float* qs = vnni ? split_acts.xs : xs.data_ptr<float>();
+  const int8_t* lo = split_acts.lo;
+  const int8_t* hi = split_acts.hi;
+  const int64_t ldb = split_acts.ldb;
+  const int32_t* sum = split_acts.sums;
   const int64_t grain = std::max<int64_t>(kRows, kGrainWeights / (k * m)) / kRows * kRows;
   at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
 #ifdef OPENAFM_X86
@@ -942,7 +1249,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& values, const at::
       int64_t row = r0;
       for (; row + kRows <= r1; row += kRows) {
         int64_t i = 0;
-        if (chosen == kAvx512) {
+        if (vnni) {
+          for (; i + 2 <= m; i += 2)
+            int8_rows512_vnni_chunk<2>(v, s, k, lo + i * ldb, hi + i * ldb, ldb, sum + 2 * i,
+                                       qs + i, out + i * n, n, row);
+          for (; i < m; ++i)
+            int8_rows512_vnni_chunk<1>(v, s, k, lo + i * ldb, hi + i * ldb, ldb, sum + 2 * i,
+                                       qs + i, out + i * n, n, row);
+        } else if (chosen == kAvx512) {
           for (; i + 4 <= m; i += 4)
             int8_rows512_q_chunk<4>(v, s, k, q + i * ldq, ldq, qs + i, out + i * n, n, row);
           for (; i < m; ++i)
@@ -1011,20 +1325,22 @@ TORCH_LIBRARY(openafm, m) {
   m.def(
       "lut_linear(Tensor x, Tensor planes, Tensor tables, Tensor? scale, int bits, int group, "
       "int out_features, int isa=0, Tensor? lora_a=None, Tensor? lora_b=None, "
-      "float lora_scale=1.0) -> Tensor");
+      "float lora_scale=1.0, Tensor? tables8=None, Tensor? table_scale=None) -> Tensor");
   m.def(
       "lut_linear_many(Tensor x, Tensor[] planes, Tensor[] tables, Tensor?[] scales, int[] bits, "
       "int[] groups, int[] out_features, int isa, Tensor?[] lora_a, Tensor?[] lora_b, "
-      "float[] lora_scales) -> Tensor[]");
+      "float[] lora_scales, Tensor?[] tables8, Tensor?[] table_scales) -> Tensor[]");
   m.def(
       "lut_dequantize(Tensor planes, Tensor tables, Tensor? scale, int bits, int group, "
-      "int out_features, int in_features) -> Tensor");
+      "int out_features, int in_features, int isa=0) -> Tensor");
   m.def(
       "int8_linear(Tensor x, Tensor values, Tensor scale, int isa=0, "
       "bool quantize_activations=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("best_isa() -> int", &best_isa);
+  m.def("int8_tables_apply(int isa) -> bool",
+        [](int64_t isa) { return int8_tables_apply(resolve(isa), 4); });
 }
 
 TORCH_LIBRARY_IMPL(openafm, CPU, m) {
