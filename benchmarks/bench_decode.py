@@ -298,9 +298,11 @@ def run_decode_quality(tokens: int) -> dict:
     return out
 
 
-def run_speculation(model_name: str, aeslc: str, emails: int, draft: str | None) -> dict:
-    """Plain against speculative decoding of AESLC e-mail summaries: drafts from the prompt,
-    or from the `draft` model."""
+def run_speculation(
+    model_name: str, data: str, records: int, draft: str | None, feature: str
+) -> dict:
+    """Plain against speculative decoding of a summarization feature's records (AESLC e-mails,
+    DialogSum dialogues): drafts from the prompt, or from the `draft` model."""
     import torch
 
     from openafm.cli.common import load_named
@@ -308,14 +310,14 @@ def run_speculation(model_name: str, aeslc: str, emails: int, draft: str | None)
     from openafm.runtime import DraftModel, PromptLookup, SamplingParams, engine_for
 
     torch.set_num_threads(2)
-    task = get_feature("summarize-email")
+    task = get_feature(feature)
     pretrained = load_named(model_name)
     adapter = task.adapter if model_name == DENSE else None  # shipped adapters fit the float base
     plain = engine_for(pretrained)
     drafter = PromptLookup() if draft is None else DraftModel(load_named(draft).model)
     fast = engine_for(pretrained, speculation=drafter)
-    records = [json.loads(line) for line in Path(aeslc).read_text().splitlines()[:emails]]
-    prompts = [plain.tokenizer.encode_chat(task.messages(r)) for r in records]
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()[:records]]
+    prompts = [plain.tokenizer.encode_chat(task.messages(r)) for r in rows]
     params = SamplingParams(max_tokens=task.max_tokens)
     plain.generate(prompts[:1], params, adapters=adapter)
     out: dict[str, dict] = {}
@@ -342,7 +344,8 @@ def run_speculation(model_name: str, aeslc: str, emails: int, draft: str | None)
     return {
         "adapter": adapter,
         "drafter": "prompt lookup" if draft is None else draft,
-        "emails": len(prompts),
+        "feature": feature,
+        "records": len(prompts),
         "identical_outputs": identical,
         "plain_decode_tokens_per_s": out["plain"]["decode_tokens_per_s"],
         "speculative_decode_tokens_per_s": out["speculative"]["decode_tokens_per_s"],
@@ -404,7 +407,10 @@ def worker(args: argparse.Namespace) -> dict:
     if kind == "quality":
         return run_decode_quality(256)
     if kind == "speculation":
-        return run_speculation(rest[0], args.aeslc, args.emails, rest[1] if rest[1:] else None)
+        draft = rest[1] if len(rest) > 1 and rest[1] else None
+        feature = rest[2] if len(rest) > 2 else "summarize-email"
+        data = args.aeslc if feature == "summarize-email" else args.dialogsum
+        return run_speculation(rest[0], data, args.emails, draft, feature)
     if kind == "llama.cpp":
         return run_llama_cpp(args.repeats, args.new_tokens)
     raise ValueError(args.worker)
@@ -420,6 +426,8 @@ def spawn(name: str, args: argparse.Namespace) -> dict | None:
         "--emails",
         str(args.emails),
     ]
+    if args.dialogsum:
+        cmd += ["--dialogsum", args.dialogsum]
     print(f"  {name}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -449,10 +457,11 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
-    parser.add_argument("--emails", type=int, default=20)
+    parser.add_argument("--emails", type=int, default=20, help="records per speculation run")
     parser.add_argument(
         "--aeslc", default=str(ROOT / "tests/fixtures/summaries/aeslc_test_head4.jsonl")
     )
+    parser.add_argument("--dialogsum", help="DialogSum JSONL (the draft model on dialogues)")
     parser.add_argument("--skip-contention", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -479,6 +488,10 @@ def main() -> None:
     speculation[f"{DENSE} drafted by {PALETTIZED}"] = spawn(
         f"speculation:{DENSE}:{PALETTIZED}", args
     )
+    if args.dialogsum:  # longer outputs: the drafter's own prefill is spread over more tokens
+        speculation[f"{DENSE} drafted by {PALETTIZED}, dialogues"] = spawn(
+            f"speculation:{DENSE}:{PALETTIZED}:summarize-dialogue", args
+        )
     quality = spawn("quality", args)
     try:
         import llama_cpp  # noqa: F401
@@ -509,6 +522,9 @@ def main() -> None:
         "speculative_speedup_dense_with_adapter": (speculation.get(DENSE) or {}).get("speedup"),
         "draft_model_speedup_dense_with_adapter": (
             speculation.get(f"{DENSE} drafted by {PALETTIZED}") or {}
+        ).get("speedup"),
+        "draft_model_speedup_dense_with_adapter_dialogues": (
+            speculation.get(f"{DENSE} drafted by {PALETTIZED}, dialogues") or {}
         ).get("speedup"),
         "palettized_new_vs_reference_decode": _ratio(pal, q(PALETTIZED, "reference")),
         "palettized_fast_vs_default_decode": _ratio(q(PALETTIZED, "fast"), pal),

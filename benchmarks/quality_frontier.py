@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from openafm.adapters import detach
+from openafm.adapters import detach, load_adapter
+from openafm.cli.common import load_named
 from openafm.compress.affine import affine_bits_per_weight, affine_round_to_nearest
 from openafm.compress.calibration import projection_names, text_windows
+from openafm.compress.default_model import PALETTIZED_DEFAULT
 from openafm.eval.quality import compare_models, reference_log_probs
 from openafm.io.compressed_checkpoint import bits_summary, quantize_embedding
 from openafm.runtime import load_pretrained
@@ -72,10 +74,23 @@ def main() -> None:
         action="store_true",
         help="replace rows of the same label in OUT.json, keep the rest",
     )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only recompute whole-model bits, the table and the plot from OUT.json",
+    )
     parser.add_argument("--out", type=Path, required=True, help="path prefix for .json/.md/.png")
     args = parser.parse_args()
 
     base = load_pretrained(args.base)
+    whole = WholeModelBits(base.model)
+    if args.replot:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        adapter = load_named(PALETTIZED_DEFAULT).default_adapter  # every recovery: rank 16
+        for row in results:
+            row["bpw_whole"] = whole(row["bpw"], adapter if row["recovery"] else None)
+        write_outputs(results, args)
+        return
     windows = {
         path.name: text_windows(base.tokenizer, path, window=args.window, max_tokens=args.tokens)
         for path in args.data
@@ -99,6 +114,9 @@ def main() -> None:
                     "recovery": keep,
                     "bpw": summary["bpw"],
                     "bpw_total": summary["bpw_total"],
+                    "bpw_whole": whole(
+                        summary["bpw"], compressed.default_adapter if keep else None
+                    ),
                     "texts": score(compressed.model, references, windows),
                 }
             )
@@ -113,6 +131,7 @@ def main() -> None:
                     "recovery": False,
                     "bpw": affine_bits_per_weight(bits, block),
                     "bpw_total": None,  # simulated: the weights are held dense
+                    "bpw_whole": whole(affine_bits_per_weight(bits, block), None),
                     "texts": score(model, references, windows),
                 }
             )
@@ -127,10 +146,38 @@ def main() -> None:
         fresh = {row["label"]: row for row in results}
         kept = json.loads(json_path.read_text())
         results = [fresh.pop(row["label"], row) for row in kept] + list(fresh.values())
+    write_outputs(results, args)
+
+
+def write_outputs(results: list[dict], args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, args, args.out.with_suffix(".md"))
     plot(results, args.out.with_suffix(".png"))
+
+
+class WholeModelBits:
+    """Bits per weight of the whole model, as llama.cpp counts a file: the projections at
+    `bpw`, the 8-bit embedding and the norms as the compressed models store them, and the
+    recovery adapter (when used), over every weight of the base."""
+
+    def __init__(self, base) -> None:
+        model = copy.deepcopy(base)
+        quantize_embedding(model)
+        summary = bits_summary(model)  # projections dense here: their bits are taken out
+        self.projections = summary["projection_weights"]
+        self.weights = summary["total_weights"]
+        self.rest_bits = summary["bytes"] * 8 - summary["bpw"] * self.projections
+
+    def __call__(self, bpw: float, adapter: Path | None) -> float:
+        adapter_bits = 0
+        if adapter is not None:
+            adapter_bits = sum(
+                t.numel() * t.element_size() * 8
+                for pair in load_adapter(adapter).pairs.values()
+                for t in pair
+            )
+        return (bpw * self.projections + self.rest_bits + adapter_bits) / self.weights
 
 
 def write_table(results, args, path: Path) -> None:
@@ -139,22 +186,24 @@ def write_table(results, args, path: Path) -> None:
         f"Scored against the float32 base on the first {args.tokens} tokens of each text in"
         f" windows of {args.window} (second halves scored); columns average the texts"
         f" ({', '.join(texts)}). `bpw`: block projections, tables and scales included;"
-        " `bpw_total`: every weight, 8-bit embedding included.",
+        " `bpw_total`: every weight, 8-bit embedding included; `whole`: as llama.cpp counts a"
+        " file, `bpw_total` plus the recovery adapter (bf16, rank 16) when the row uses it.",
         "",
-        "| model | bpw | bpw_total | ppl ratio | mean KLD | p99 KLD | same top-1 |"
+        "| model | bpw | bpw_total | whole | ppl ratio | mean KLD | p99 KLD | same top-1 |"
         + "".join(f" KLD {t} |" for t in texts),
-        "|---|---|---|---|---|---|---|" + "---|" * len(texts),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(texts),
     ]
     for r in results:
         lines.append(
             f"| {r['label']} | {r['bpw']:.3f} |"
-            f" {'—' if r['bpw_total'] is None else format(r['bpw_total'], '.3f')} | {r['ppl_ratio']:.3f} |"
+            f" {'—' if r['bpw_total'] is None else format(r['bpw_total'], '.3f')} |"
+            f" {r['bpw_whole']:.3f} | {r['ppl_ratio']:.3f} |"
             f" {r['kld_mean']:.3f} | {r['kld_p99']:.3f} | {100 * r['top1_agreement']:.1f}% |"
             + "".join(f" {r['texts'][t]['kld_mean']:.3f} |" for t in texts)
         )
     for label, (bpw, ratio, kld) in LLAMA_CPP.items():
         lines.append(
-            f"| {label} (ANCHORS.md, other text) | {bpw} (file) | | {ratio} | {kld} | | |"
+            f"| {label} (ANCHORS.md, other text) | | | {bpw} | {ratio} | {kld} | | |"
             + " |" * len(texts)
         )
     path.write_text("\n".join(lines) + "\n")
@@ -175,19 +224,19 @@ def plot(results, path: Path) -> None:
     shown = set()
     for r in results:
         marker, color, name = styles[(r["kind"], r["recovery"])]
-        ax.scatter(r["bpw"], r["kld_mean"], marker=marker, color=color,
+        ax.scatter(r["bpw_whole"], r["kld_mean"], marker=marker, color=color,
                    label=None if name in shown else name)  # fmt: skip
         shown.add(name)
-        ax.annotate(r["label"], (r["bpw"], r["kld_mean"]), fontsize=7,
+        ax.annotate(r["label"], (r["bpw_whole"], r["kld_mean"]), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")  # fmt: skip
     for label, (bpw, _, kld) in LLAMA_CPP.items():
         ax.scatter(bpw, kld, marker="x", color="tab:red",
-                   label=None if "llama" in shown else "llama.cpp (whole-file bpw)")  # fmt: skip
+                   label=None if "llama" in shown else "llama.cpp")  # fmt: skip
         shown.add("llama")
         ax.annotate(label.removeprefix("llama.cpp "), (bpw, kld), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")  # fmt: skip
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (block projections; llama.cpp: whole file)")
+    ax.set_xlabel("bits per weight, whole model (embedding and recovery adapter included)")
     ax.set_ylabel("mean per-token KL divergence from the float base")
     ax.set_title("SmolLM2-135M-Instruct: quality vs bits per weight")
     ax.grid(True, which="both", alpha=0.3)

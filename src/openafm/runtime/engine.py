@@ -199,6 +199,9 @@ class Engine:
         names = self._adapter_rows(adapters, len(prompts))
         rows = self.adapters.resolve_rows(names) if self.adapters is not None else []
         models = dict.fromkeys((self.model, self.prefill_model))
+        drafter = self.speculation
+        if isinstance(drafter, DraftModel) and drafter.model.config == self.model.config:
+            models[drafter.model] = None  # the same feature adapter: drafts in the same style
         with overlaid(list(models), overlay(rows)):
             return (yield from self._generate(prompts, params))
 

@@ -39,7 +39,7 @@ class PromptLookup:
     input costs little.
     """
 
-    max_draft: int = 8
+    max_draft: int = 3  # verifying 4 rows costs one pass of the kernels' 4-row chunks
     max_ngram: int = 3
     min_ngram: int = 2  # a single repeated token is weak evidence: drafts from it mostly fail
 
@@ -80,8 +80,9 @@ class PromptLookup:
 class DraftModel:
     """Draft up to `max_draft` tokens with `model`, which must share the target's tokenizer:
     a smaller or more compressed model of the same family (the palettized model drafting for
-    the float one, say). Greedy drafts are the drafter's argmax; sampled drafts are drawn from
-    its distribution under the same sampling settings, which verification needs."""
+    the float one, say; a drafter of the target's architecture gets the request's feature
+    adapter too). Greedy drafts are the drafter's argmax; sampled drafts are drawn from its
+    distribution under the same sampling settings, which verification needs."""
 
     def __init__(self, model: Transformer, max_draft: int = 4) -> None:
         if not 1 <= max_draft <= 15:  # verification stays within the kernels' 16 rows
