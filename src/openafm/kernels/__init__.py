@@ -5,15 +5,18 @@
 - `lut_dequantize`: the dense matrix of a palettized weight (prefill: then a GEMM);
 - `int8_linear`: products with int8 rows and a scale per row (the 8-bit output head);
 - `rms_norm`, `rope`: RMSNorm and rotary embedding in one call each (instead of six or seven
-  small PyTorch operations, whose dispatch dominates one-token steps).
+  small PyTorch operations, whose dispatch dominates one-token steps);
+- `decoder.DecoderStack`: every decoder layer of a palettized model in one call (decode and
+  speculative verification).
 
 `mode()` says how products are computed: `exact` (native, float32 tables and activations: the
 dequantize-then-matmul result to float32 rounding), `default` (native, for speed at negligible
 quality cost: as `exact`, except that the int8 head rounds its activations to int16 per row,
 relative error ≤ 2^-15 of the row's largest value, and sums in integers), `fast` (as `default`,
 and 4-bit products use int8 tables with integer sums where the CPU has AVX-512 VNNI: see
-`int8_tables`; a small quality cost, reported by the benchmark) or `reference` (PyTorch only). The native library is compiled on first use (see `build`); `isa()`
-names the instruction set in use.
+`int8_tables`; a small quality cost, reported by the benchmark) or `reference` (PyTorch
+only). The native library is compiled on first use (see `build`); `isa()` names the
+instruction set in use.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@
 //   1-bit plane,  4 bytes: bit j of a little-endian uint32 = i[j]
 // 2 bits = one 2-bit plane; 3 bits = 2-bit plane (bits 0-1) + 1-bit plane (bit 2);
 // 4 bits = one 4-bit plane; 6 bits = 4-bit plane (bits 0-3) + 2-bit plane (bits 4-5).
-// Tables are float32, one per group of rows, 2^bits entries; row scales are float32.
+// Tables are float32, one per group of rows, 2^bits entries; row scales are float32. The `fast`
+// mode adds int8 tables for 4-bit weights (see lut4_q8_tile512).
 //
 // The code for each instruction set is compiled with a `target` attribute and chosen at run time
 // from the CPU's flags, so one library runs on any x86-64 CPU (and the portable path elsewhere).
