@@ -79,7 +79,7 @@ def test_int8_table_products_equal_their_reference_where_the_cpu_runs_them(isa):
     uses = kernels.int8_tables_apply(isa)
     for (out, cols), group in zip(SHAPES, [4, 4, 2, 16, 1], strict=True):
         _, planes, tables, scale = _palettized(out, cols, 4, group)
-        t8 = kernels.int8_tables(tables, 4, 16)
+        t8 = kernels.int8_tables(tables, 4)
         for m in ROWS:
             x = torch.randn(m, cols)
             want = reference.lut_linear(
@@ -92,7 +92,7 @@ def test_int8_table_products_equal_their_reference_where_the_cpu_runs_them(isa):
     # int8 tables round each entry to 1/127 of the group's largest: a small, bounded change
     x = torch.randn(3, 1000)
     _, planes, tables, scale = _palettized(36, 1000, 4, 4)
-    t8 = kernels.int8_tables(tables, 4, 16)
+    t8 = kernels.int8_tables(tables, 4)
     exact = reference.lut_linear(x, planes, tables, scale, 4, 4, 36)
     rounded = reference.lut_linear(x, planes, tables, scale, 4, 4, 36, int8_tables=t8)
     assert 0 < (rounded - exact).abs().max() < 0.02 * exact.abs().max()
@@ -101,7 +101,7 @@ def test_int8_table_products_equal_their_reference_where_the_cpu_runs_them(isa):
 @needs_native
 def test_int8_tables_are_refused_when_they_do_not_fit():
     _, planes, tables, scale = _palettized(36, 100, 4, 4)
-    t8, step = kernels.int8_tables(tables, 4, 16)
+    t8, step = kernels.int8_tables(tables, 4)
     if not kernels.int8_tables_apply():
         pytest.skip("this CPU computes with the float tables")
     with pytest.raises(RuntimeError, match="int8 tables must be"):

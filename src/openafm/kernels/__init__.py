@@ -142,11 +142,11 @@ def lut_linear_many(
     """`lut_linear` for several weights of the same input (q/k/v, gate/up) in one call: each
     weight is (planes, tables, scale, bits, group, out_features), with its optional LoRA and
     int8 tables."""
-    tables8 = int8_tables or [None] * len(weights)
     if not native():
         return [
             lut_linear(x, *w, lora=lora, isa=isa) for w, lora in zip(weights, loras, strict=True)
         ]
+    tables8 = int8_tables or [None] * len(weights)
     planes, tables, scales, bits, groups, outs = (list(c) for c in zip(*weights, strict=True))
     a = [None if lora is None else lora[0] for lora in loras]
     b = [None if lora is None else lora[1] for lora in loras]
@@ -158,11 +158,11 @@ def lut_linear_many(
     )
 
 
-def int8_tables(tables: torch.Tensor, bits: int, group_entries: int) -> tuple[torch.Tensor, ...]:
+def int8_tables(tables: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     """Float tables (groups · 2^bits entries) → int8 tables for the integer kernel: per group,
     entries rounded to 127 steps of the group's largest magnitude, stored + 128 as uint8, and
     the step (float32)."""
-    t = tables.float().view(-1, group_entries)
+    t = tables.float().view(-1, 1 << bits)
     step = (t.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(t / step.unsqueeze(1)).clamp(-127, 127)
     return (q + 128).to(torch.uint8).contiguous().view(-1), step.contiguous()

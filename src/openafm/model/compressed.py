@@ -194,7 +194,7 @@ class PalettizedWeight(nn.Module):
         self.tables = self.lut.float().flatten().contiguous()
         self.row_scale = None if self.scale is None else self.scale.float().contiguous()
         if self.bits == 4:
-            self.tables8, self.table_step = kernels.int8_tables(self.tables, self.bits, 16)
+            self.tables8, self.table_step = kernels.int8_tables(self.tables, self.bits)
         self.indices = torch.empty(0, dtype=torch.uint8)
 
     def packed_indices(self) -> torch.Tensor:

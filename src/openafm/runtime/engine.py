@@ -85,9 +85,8 @@ class Engine:
     adapter; rows of one batch may use different adapters. With `speculation`, a single prompt
     decodes speculatively (drafts verified in one forward; the output is what plain decoding
     gives; a `PromptLookup` or a `DraftModel` drafts); batches of several prompts decode
-    plainly. Decode steps choose their thread count
-    by timing (`ThreadTuner`), so another busy process on the machine does not collapse them;
-    `tune_threads=False` keeps PyTorch's setting.
+    plainly. Decode steps choose their thread count by timing (`ThreadTuner`), so another busy
+    process on the machine does not collapse them; `tune_threads=False` keeps PyTorch's setting.
     """
 
     def __init__(

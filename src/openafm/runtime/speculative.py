@@ -44,8 +44,7 @@ class PromptLookup:
     min_ngram: int = 2  # a single repeated token is weak evidence: drafts from it mostly fail
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_draft <= 15:  # verification stays within the kernels' 16 rows
-            raise ValueError(f"max_draft must be in 1..15, not {self.max_draft}")
+        _check_max_draft(self.max_draft)
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
 
@@ -85,8 +84,7 @@ class DraftModel:
     distribution under the same sampling settings, which verification needs."""
 
     def __init__(self, model: Transformer, max_draft: int = 4) -> None:
-        if not 1 <= max_draft <= 15:  # verification stays within the kernels' 16 rows
-            raise ValueError(f"max_draft must be in 1..15, not {max_draft}")
+        _check_max_draft(max_draft)
         self.model = model.eval()
         self.max_draft = max_draft
 
@@ -143,6 +141,11 @@ class DraftModelSession:
 
 
 Drafter = PromptLookup | DraftModel
+
+
+def _check_max_draft(max_draft: int) -> None:
+    if not 1 <= max_draft <= 15:  # verification stays within the kernels' 16 rows
+        raise ValueError(f"max_draft must be in 1..15, not {max_draft}")
 
 
 def next_draft_length(current: int, drafted: int, accepted: int, most: int) -> int:

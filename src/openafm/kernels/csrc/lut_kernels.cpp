@@ -74,6 +74,9 @@ bool cpu_has_avx512_vnni() {
 #endif
 }
 
+// Whether the chosen path has VNNI integer dot products (the int8 head's and the int8 tables').
+bool vnni_path(int64_t isa) { return isa == kAvx512 && cpu_has_avx512_vnni(); }
+
 int64_t best_isa() {
   if (cpu_has_avx512()) return kAvx512;
   if (cpu_has_avx2()) return kAvx2;
@@ -1025,13 +1028,7 @@ struct SplitActs {
 
 // Whether a product with int8 tables runs on them here (4 bits, AVX-512 with VNNI); elsewhere
 // the float tables serve.
-bool int8_tables_apply(int64_t isa, int64_t bits) {
-#ifdef OPENAFM_X86
-  return bits == 4 && isa == kAvx512 && cpu_has_avx512_vnni();
-#else
-  return false;
-#endif
-}
+bool int8_tables_apply(int64_t isa, int64_t bits) { return bits == 4 && vnni_path(isa); }
 
 void check_int8_tables(Lut& w, const at::Tensor& tables8,
                        const std::optional<at::Tensor>& table_scale) {
@@ -1224,11 +1221,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& values, const at::
   const float* s = scale.data_ptr<float>();
   float* out = y.data_ptr<float>();
   const bool quantized = quantize_activations && chosen != kPortable && k <= kMaxQuantCols;
-#ifdef OPENAFM_X86
-  const bool vnni = quantized && chosen == kAvx512 && cpu_has_avx512_vnni();
-#else
-  const bool vnni = false;
-#endif
+  const bool vnni = quantized && vnni_path(chosen);
   const int64_t ldq = (k + kBlock - 1) / kBlock * kBlock;
   at::Tensor xq = at::empty({quantized && !vnni ? m * ldq : 0}, x.options().dtype(at::kShort));
   at::Tensor xs = at::empty({m}, x.options());
