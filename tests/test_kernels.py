@@ -126,6 +126,21 @@ def test_the_fused_low_rank_update_equals_two_products(isa):
 
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_factors_give_the_update_of_their_float32_values(isa):
+    _, planes, tables, scale = _palettized(36, 100, 4, 4)
+    a, b = torch.randn(16, 100).bfloat16(), torch.randn(36, 16).bfloat16()
+    x = torch.randn(3, 100)
+    for layout in (b, b.t().contiguous().t()):
+        widened = (a.float(), layout.float().t().contiguous().t(), 0.5)
+        want = kernels.lut_linear(x, planes, tables, scale, 4, 4, 36, lora=widened, isa=isa)
+        got = kernels.lut_linear(x, planes, tables, scale, 4, 4, 36, lora=(a, layout, 0.5), isa=isa)
+        _close(got, want)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        kernels.lut_linear(x, planes, tables, scale, 4, 4, 36, lora=(a, b.float(), 0.5), isa=isa)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
 def test_int8_rows_equal_the_reference_exactly_or_within_int16_rounding(isa):
     gen = torch.Generator().manual_seed(0)
     for out, cols in [(13, 50), (64, 576), (40, 24), (100, 1000)]:

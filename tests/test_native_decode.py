@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not ISAS, reason="no native kernels (no compiler
 
 def _palettized_tiny(seed: int = 0) -> Transformer:
     """The tiny model (qk-norm, grouped-query attention) with every projection palettized, in
-    every supported width, and a rank-4 LoRA update on some (B row- or column-major)."""
+    every supported width, and a rank-4 LoRA update on some (float32 or bfloat16 factors, B
+    row- or column-major)."""
     model = make_tiny(seed)
     gen = torch.Generator().manual_seed(seed)
     linears = [m for m in model.layers.modules() if isinstance(m, Linear)]
@@ -39,8 +40,9 @@ def _palettized_tiny(seed: int = 0) -> Transformer:
         )
         linear.compress(weight)
         if i % 3:
-            a = torch.randn(4, cols, generator=gen) * 0.1
-            b = torch.randn(out, 4, generator=gen) * 0.1
+            dtype = torch.bfloat16 if i % 4 == 1 else torch.float32
+            a = (torch.randn(4, cols, generator=gen) * 0.1).to(dtype)
+            b = (torch.randn(out, 4, generator=gen) * 0.1).to(dtype)
             linear.delta = LowRankDelta(a, column_major(b) if i % 2 else b, 0.5)
     return model.eval()
 

@@ -117,10 +117,10 @@ def lut_linear(
     isa: str = "best",
 ) -> torch.Tensor:
     """`x Wᵀ` in float32 for a palettized W in the kernels' layout (tables, scale: float32),
-    plus `s · (x Aᵀ) Bᵀ` when `lora` = (A, B, s) is given (float32 factors). With
-    `int8_tables` (see `int8_tables`), 4-bit weights compute with them and x rounded to int16
-    per row where the CPU has AVX-512 VNNI (`reference.lut_linear` says what that computes);
-    elsewhere the float tables serve."""
+    plus `s · (x Aᵀ) Bᵀ` when `lora` = (A, B, s) is given (factors both float32 or both
+    bfloat16). With `int8_tables` (see `int8_tables`), 4-bit weights compute with them and x
+    rounded to int16 per row where the CPU has AVX-512 VNNI (`reference.lut_linear` says what
+    that computes); elsewhere the float tables serve."""
     if native():
         a, b, s = lora if lora is not None else (None, None, 1.0)
         t8, ts = int8_tables if int8_tables is not None else (None, None)

@@ -68,8 +68,8 @@ def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> t
 
 
 def low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """An unmerged LoRA update `scale · (x Aᵀ) Bᵀ` (float32)."""
-    return F.linear(F.linear(x.float(), a), b) * scale
+    """An unmerged LoRA update `scale · (x Aᵀ) Bᵀ` in float32 (factors float32 or bfloat16)."""
+    return F.linear(F.linear(x.float(), a.float()), b.float()) * scale
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from openafm import kernels
+
+if TYPE_CHECKING:
+    from openafm.model.transformer import Transformer
 
 _WEIGHT_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 _INT8_TABLES_APPLY = cache(kernels.int8_tables_apply)
@@ -120,20 +123,31 @@ def finish_native(
 
 def _fusable(delta: LowRankUpdate | None) -> LoraArgs | None:
     """(A, B, scale) when the native kernel can add this update itself: one adapter for the
-    whole batch, float32 (A contiguous, B contiguous or column-major), nothing to
-    differentiate."""
+    whole batch, both factors float32 or both bfloat16 (A contiguous, B contiguous or
+    column-major), nothing to differentiate."""
     if (
         delta is None
         or delta.a.dim() != 2
         or not isinstance(delta.scale, float)
-        or delta.a.dtype != torch.float32
-        or delta.b.dtype != torch.float32
+        or delta.a.dtype not in (torch.float32, torch.bfloat16)
+        or delta.b.dtype != delta.a.dtype
         or not delta.a.is_contiguous()
         or not (delta.b.is_contiguous() or delta.b.t().is_contiguous())
         or (torch.is_grad_enabled() and (delta.a.requires_grad or delta.b.requires_grad))
     ):
         return None
     return delta.a, delta.b, delta.scale
+
+
+def adapter_dtype(model: Transformer) -> torch.dtype:
+    """The dtype an inference adapter's factors are held in on `model`: bfloat16 where its
+    projections are palettized on the CPU in float32 (the native kernels add the update from
+    bfloat16 factors: half the bytes a decode step reads for it, and the precision adapters are
+    stored in), else the dtype the model computes in."""
+    palettized = any(isinstance(m, PalettizedWeight) for m in model.modules())
+    if palettized and model.dtype == torch.float32 and model.device.type == "cpu":
+        return torch.bfloat16
+    return model.dtype
 
 
 def _buffer_bits_of(tensor: torch.Tensor) -> int:

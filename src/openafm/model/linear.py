@@ -35,10 +35,11 @@ class LowRankDelta:
     scale: float | torch.Tensor = 1.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.a.dim() == 2:
-            y = F.linear(F.linear(x, self.a), self.b)
+        a, b = self.a.to(x.dtype), self.b.to(x.dtype)  # factors may be held in bfloat16
+        if a.dim() == 2:
+            y = F.linear(F.linear(x, a), b)
         else:
-            y = torch.matmul(torch.matmul(x, self.a.transpose(-1, -2)), self.b.transpose(-1, -2))
+            y = torch.matmul(torch.matmul(x, a.transpose(-1, -2)), b.transpose(-1, -2))
         if isinstance(self.scale, float) and self.scale == 1.0:
             return y
         return y * self.scale

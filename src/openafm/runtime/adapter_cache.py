@@ -1,7 +1,7 @@
 """Adapters at serving time: an LRU cache under a byte budget, and per-batch overlays.
 
 An adapter is loaded once (checked against the base's signature and shapes, converted to the
-model's dtype with its scale folded into B) and kept while it fits the budget. A batch names
+dtype the model holds adapters in (`adapter_dtype`) with its scale folded into B) and kept while it fits the budget. A batch names
 one adapter per row (or none); `overlay` turns that into one `LowRankDelta` per projection:
 the adapter's own matrices when every row uses the same one, otherwise matrices gathered per
 row (zeros for rows without an adapter). Swapping is attribute assignment on the seams:
@@ -23,13 +23,14 @@ from openafm.adapters import LoraAdapter, check_base, load_adapter, set_deltas
 from openafm.adapters.lora import column_major
 from openafm.adapters.registry import find_adapter
 from openafm.model import Linear, LowRankDelta, Transformer
+from openafm.model.compressed import adapter_dtype
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
 class ServingAdapter:
-    """An adapter ready to overlay: per module path, A and scale·B in the model's dtype."""
+    """An adapter ready to overlay: per module path, A and scale·B in the model's adapter dtype."""
 
     name: str
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -39,7 +40,10 @@ class ServingAdapter:
     def from_adapter(cls, adapter: LoraAdapter, dtype: torch.dtype) -> ServingAdapter:
         scale = adapter.config.scale
         pairs = {
-            path: (a.detach().to(dtype).contiguous(), column_major(b.detach().to(dtype) * scale))
+            path: (
+                a.detach().to(dtype).contiguous(),
+                column_major((b.detach().float() * scale).to(dtype)),
+            )
             for path, (a, b) in adapter.pairs.items()
         }
         return cls(adapter.name, pairs, adapter.config.rank)
@@ -68,7 +72,7 @@ class AdapterCache:
         self.budget_bytes = budget_bytes
         self.force = force
         self.resolve = resolve
-        self.dtype = model.dtype
+        self.dtype = adapter_dtype(model)
         self._loaded: OrderedDict[str, ServingAdapter] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0

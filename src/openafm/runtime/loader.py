@@ -31,7 +31,7 @@ from openafm.io.compressed_checkpoint import (
 )
 from openafm.io.hf_checkpoint import CONFIG_FILE
 from openafm.model import Transformer
-from openafm.model.compressed import repack_for_kernels
+from openafm.model.compressed import adapter_dtype, repack_for_kernels
 from openafm.runtime.adapter_cache import DEFAULT_BUDGET_BYTES, AdapterCache
 from openafm.runtime.engine import Engine
 from openafm.runtime.speculative import Drafter
@@ -143,7 +143,7 @@ def _load_compressed(path: Path) -> Pretrained:
         adapter = load_adapter(pretrained.default_adapter)
         check_base(adapter, pretrained.signature())
         adapter.check_fits(model)
-        adapter.to(model.dtype).attach(model)
+        adapter.to(adapter_dtype(model)).attach(model)
     repack_for_kernels(model)
     return pretrained
 

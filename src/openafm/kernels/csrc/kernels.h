@@ -10,8 +10,9 @@
 namespace openafm {
 
 // One palettized weight in the kernels' layout (see lut_kernels.cpp), with an optional LoRA
-// update `lora_scale · (x Aᵀ) Bᵀ` (A (rank, in), B (out, rank), float32) and optional int8
-// tables (4 bits: uint8 entry + 128 per group of 16, a float32 scale per group).
+// update `lora_scale · (x Aᵀ) Bᵀ` (A (rank, in), B (out, rank), both float32 or both bfloat16)
+// and optional int8 tables (4 bits: uint8 entry + 128 per group of 16, a float32 scale per
+// group).
 struct Projection {
   at::Tensor planes, tables;
   std::optional<at::Tensor> scale, lora_a, lora_b;
@@ -23,8 +24,8 @@ struct Projection {
 // The instruction set to run (0 = the best this CPU has); checks that the CPU has it.
 int64_t resolve_isa(int64_t isa);
 
-// `flat` (m, in) contiguous float32 times every weight of `ws` (one parallel region); each
-// output is (m, out_features).
+// `flat` (m, in) contiguous float32 times every weight of `ws` (one parallel region, after one
+// for the LoRA updates' x Aᵀ); each output is (m, out_features).
 std::vector<at::Tensor> project(const at::Tensor& flat, const std::vector<const Projection*>& ws,
                                 int64_t isa);
 

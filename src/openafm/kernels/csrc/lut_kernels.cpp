@@ -34,6 +34,7 @@
 #include <vector>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define OPENAFM_X86 1
@@ -905,40 +906,87 @@ OPENAFM_CLONES void axpy_clones(float a, const float* x, float* y, int64_t n) {
 
 float dot(const float* a, const float* b, int64_t n) { return dot_clones(a, b, n); }
 
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+OPENAFM_CLONES float dot_bf16_clones(const uint16_t* a, const float* b, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += bf16_to_float(a[j]) * b[j];
+  return s;
+}
+
+// An unmerged LoRA update `scale · (x Aᵀ) Bᵀ` (A (rank, k), B (n, rank)), float32 or bfloat16
+// factors (bfloat16 halves the bytes a step reads; adapters are stored so).
 struct LowRank {
-  at::Tensor u;  // x Aᵀ, (m, rank) float32
-  const float* b = nullptr;
-  int64_t rank = 0, n = 0;
+  at::Tensor u;  // x Aᵀ, (m, rank) float32: `fill_low_rank` computes it
+  const void* a = nullptr;
+  const void* b = nullptr;
+  int64_t rank = 0, n = 0, k = 0;
   bool columns = false;  // B stored column-major: its transpose (rank, n) is contiguous
+  bool bf16 = false;
   float scale = 1.0f;
 };
 
-// Adds `lora_scale · (x Aᵀ) Bᵀ` (an unmerged LoRA update; A (rank, k), B (n, rank)) to y's rows
-// [r0, r1). With B column-major the sums run a vector of output rows at a time; row-major B
-// takes one short dot product per row.
-OPENAFM_CLONES void add_low_rank(const LowRank& lr, int64_t m, float* y, int64_t ldy, int64_t r0,
-                                 int64_t r1) {
+// Rows [j0, j1) of u = x Aᵀ for every row of x (m, lr.k).
+void fill_low_rank(const LowRank& lr, const float* x, int64_t m, int64_t j0, int64_t j1) {
+  float* u = lr.u.data_ptr<float>();
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      const float* xi = x + i * lr.k;
+      u[i * lr.rank + j] =
+          lr.bf16 ? dot_bf16_clones(static_cast<const uint16_t*>(lr.a) + j * lr.k, xi, lr.k)
+                  : dot_clones(static_cast<const float*>(lr.a) + j * lr.k, xi, lr.k);
+    }
+  }
+}
+
+template <typename T>
+inline float factor(const T* b, int64_t i) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    return bf16_to_float(b[i]);
+  } else {
+    return b[i];
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void add_low_rank_typed(const LowRank& lr, int64_t m, float* y, int64_t ldy,
+                                       int64_t r0, int64_t r1) {
   const int64_t rank = lr.rank;
+  const T* b = static_cast<const T*>(lr.b);
   for (int64_t i = 0; i < m; ++i) {
     const float* ui = lr.u.data_ptr<float>() + i * rank;
     float* yi = y + i * ldy;
     if (lr.columns) {
       for (int64_t j = 0; j < rank; ++j) {
         const float c = lr.scale * ui[j];
-        const float* bj = lr.b + j * lr.n;
+        const T* bj = b + j * lr.n;
 #pragma omp simd
-        for (int64_t row = r0; row < r1; ++row) yi[row] += c * bj[row];
+        for (int64_t row = r0; row < r1; ++row) yi[row] += c * factor(bj, row);
       }
       continue;
     }
     for (int64_t row = r0; row < r1; ++row) {
-      const float* br = lr.b + row * rank;
+      const T* br = b + row * rank;
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < rank; ++j) s += br[j] * ui[j];
+      for (int64_t j = 0; j < rank; ++j) s += factor(br, j) * ui[j];
       yi[row] += lr.scale * s;
     }
   }
+}
+
+// Adds the update to y's rows [r0, r1) (u filled). With B column-major the sums run a vector of
+// output rows at a time; row-major B takes one short dot product per row.
+OPENAFM_CLONES void add_low_rank(const LowRank& lr, int64_t m, float* y, int64_t ldy, int64_t r0,
+                                 int64_t r1) {
+  if (lr.bf16) return add_low_rank_typed<uint16_t>(lr, m, y, ldy, r0, r1);
+  add_low_rank_typed<float>(lr, m, y, ldy, r0, r1);
 }
 
 LowRank low_rank(const at::Tensor& flat_x, const std::optional<at::Tensor>& a,
@@ -947,25 +995,24 @@ LowRank low_rank(const at::Tensor& flat_x, const std::optional<at::Tensor>& a,
   if (!a.has_value() && !b.has_value()) return lr;
   TORCH_CHECK(a.has_value() && b.has_value(), "lut_linear: give both LoRA factors or neither");
   const bool columns = b->dim() == 2 && !b->is_contiguous() && b->t().is_contiguous();
-  TORCH_CHECK(a->scalar_type() == at::kFloat && b->scalar_type() == at::kFloat && a->dim() == 2 &&
-                  b->dim() == 2 && a->is_contiguous() && (b->is_contiguous() || columns),
-              "lut_linear: LoRA factors must be 2-D float32, A contiguous, B contiguous or "
-              "column-major");
+  const at::ScalarType dtype = a->scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && b->scalar_type() == dtype &&
+                  a->dim() == 2 && b->dim() == 2 && a->is_contiguous() &&
+                  (b->is_contiguous() || columns),
+              "lut_linear: LoRA factors must be 2-D, both float32 or both bfloat16, A "
+              "contiguous, B contiguous or column-major");
   const int64_t rank = a->size(0), k = flat_x.size(1);
   TORCH_CHECK(a->size(1) == k && b->size(0) == n && b->size(1) == rank,
               "lut_linear: LoRA factors of shapes ", a->sizes(), " and ", b->sizes(),
               " do not fit a ", n, "x", k, " projection");
-  const int64_t m = flat_x.size(0);
-  lr.u = at::empty({m, rank}, flat_x.options());
-  const float* xa = flat_x.data_ptr<float>();
-  const float* av = a->data_ptr<float>();
-  float* u = lr.u.data_ptr<float>();
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < rank; ++j) u[i * rank + j] = dot(av + j * k, xa + i * k, k);
-  lr.b = b->data_ptr<float>();
+  lr.u = at::empty({flat_x.size(0), rank}, flat_x.options());
+  lr.a = a->data_ptr();
+  lr.b = b->data_ptr();
   lr.rank = rank;
   lr.n = n;
+  lr.k = k;
   lr.columns = columns;
+  lr.bf16 = dtype == at::kBFloat16;
   lr.scale = static_cast<float>(lora_scale);
   return lr;
 }
@@ -1051,6 +1098,23 @@ struct Product {
   at::Tensor y;  // (m, out_features)
 };
 
+// Every product's x Aᵀ, split over threads by rows of A (one parallel region).
+void fill_low_ranks(const std::vector<Product>& products, const at::Tensor& flat) {
+  std::vector<int64_t> first_row{0};  // prefix sums of the ranks
+  for (const Product& p : products) first_row.push_back(first_row.back() + p.lr.rank);
+  if (first_row.back() == 0) return;
+  const int64_t m = flat.size(0), k = flat.size(1);
+  const float* x = flat.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrainWeights / 8 / (k * m));
+  at::parallel_for(0, first_row.back(), grain, [&](int64_t g0, int64_t g1) {
+    for (size_t i = 0; i < products.size(); ++i) {
+      const int64_t j0 = std::max(g0, first_row[i]) - first_row[i];
+      const int64_t j1 = std::min(g1, first_row[i + 1]) - first_row[i];
+      if (j0 < j1) fill_low_rank(products[i].lr, x, m, j0, j1);
+    }
+  });
+}
+
 }  // namespace
 
 namespace openafm {
@@ -1080,6 +1144,7 @@ std::vector<at::Tensor> project(const at::Tensor& flat, const std::vector<const 
                                at::empty({m, p->out_features}, flat.options())});
     first_tile.push_back(first_tile.back() + w.tiles);
   }
+  fill_low_ranks(products, flat);
   const int64_t blocks = products[0].w.blocks;
   const at::Tensor xp = padded_activations(flat, blocks * kBlock);
   Acts acts{xp.data_ptr<float>(), m, xp.size(1)};
