@@ -156,6 +156,21 @@ def test_int8_rows_equal_the_reference_exactly_or_within_int16_rounding(isa):
 
 
 @needs_native
+def test_the_int16_head_sums_the_same_integers_with_avx2_and_avx512():
+    if not {"avx2", "avx512"} <= set(ISAS):
+        pytest.skip("this CPU lacks AVX-512")
+    gen = torch.Generator().manual_seed(1)
+    for out, cols in [(13, 50), (64, 576), (100, 1000)]:
+        values = torch.randint(-127, 128, (out, cols), dtype=torch.int8, generator=gen)
+        scale = torch.rand(out, generator=gen)
+        for m in (1, 2, 3):
+            x = torch.randn(m, cols, generator=gen) * 10
+            with kernels.using("default"):
+                got = [kernels.int8_linear(x, values, scale, isa=isa) for isa in ("avx2", "avx512")]
+            assert torch.equal(*got)
+
+
+@needs_native
 def test_rms_norm_equals_pytorch():
     x, w = torch.randn(3, 5, 577), torch.randn(577)
     _close(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (577,), w, 1e-5))

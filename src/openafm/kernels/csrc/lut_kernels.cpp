@@ -423,6 +423,18 @@ OPENAFM_AVX512 void int8_rows512_q_chunk(const int8_t* v, const float* scale, in
 #define OPENAFM_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 
+// The sums of four vectors' lanes, as the four lanes of one 128-bit vector.
+OPENAFM_AVX512_VNNI inline __m128i sum_four512(const __m512i v[4]) {
+  const __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]),
+                                       _mm512_unpackhi_epi32(v[0], v[1]));
+  const __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]),
+                                       _mm512_unpackhi_epi32(v[2], v[3]));
+  const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23),
+                                     _mm512_unpackhi_epi64(t01, t23));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 // Activations quantized to int16 as above, split into a signed low byte and a high byte
 // (q = 256·hi + lo): two VNNI `vpdpbusd` per 64 weights instead of four instructions per 32.
 // `vpdpbusd` multiplies unsigned by signed bytes, so the weights are made unsigned (w ^ 0x80 =
@@ -456,12 +468,18 @@ OPENAFM_AVX512_VNNI void int8_rows512_vnni_chunk(const int8_t* v, const float* s
       }
     }
   }
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int m = 0; m < MC; ++m) {
-      const int64_t low = _mm512_reduce_add_epi32(acc_lo[r][m]) - int64_t{128} * sums[2 * m];
-      const int64_t high = _mm512_reduce_add_epi32(acc_hi[r][m]) - int64_t{128} * sums[2 * m + 1];
-      y[m * ldy + row + r] = static_cast<float>(low + 256 * high) * xs[m] * scale[row + r];
-    }
+  // Per lane |lo part| ≤ 4·255·128·16 and |hi part| ≤ 4·255·64·16 (k ≤ kMaxQuantCols), so
+  // lo + 256·hi stays inside int32; the four rows are then summed together.
+  for (int m = 0; m < MC; ++m) {
+    __m512i total[kRows];
+    for (int64_t r = 0; r < kRows; ++r)
+      total[r] = _mm512_add_epi32(acc_lo[r][m], _mm512_slli_epi32(acc_hi[r][m], 8));
+    alignas(16) int32_t sum4[kRows];
+    _mm_store_si128(reinterpret_cast<__m128i*>(sum4), sum_four512(total));
+    const int64_t offset = int64_t{128} * (sums[2 * m] + int64_t{256} * sums[2 * m + 1]);
+    for (int64_t r = 0; r < kRows; ++r)
+      y[m * ldy + row + r] = static_cast<float>(sum4[r] - offset) * xs[m] * scale[row + r];
+  }
 }
 
 // 16 bytes repeated in the four 128-bit lanes.
