@@ -298,6 +298,13 @@ def run_decode_quality(tokens: int) -> dict:
     return out
 
 
+def palettized_adapter(feature: str) -> str | None:
+    """The feature's adapter trained on the palettized base (`models/adapters-palettized/`; the
+    shipped adapters fit the float base), if there is one."""
+    folder = Path(__file__).resolve().parents[1] / "models" / "adapters-palettized" / feature
+    return str(folder) if (folder / "adapter.json").is_file() else None
+
+
 def run_speculation(
     model_name: str, data: str, records: int, draft: str | None, feature: str
 ) -> dict:
@@ -312,7 +319,7 @@ def run_speculation(
     torch.set_num_threads(2)
     task = get_feature(feature)
     pretrained = load_named(model_name)
-    adapter = task.adapter if model_name == DENSE else None  # shipped adapters fit the float base
+    adapter = task.adapter if model_name == DENSE else palettized_adapter(feature)
     plain = engine_for(pretrained)
     drafter = PromptLookup() if draft is None else DraftModel(load_named(draft).model)
     fast = engine_for(pretrained, speculation=drafter)
@@ -489,6 +496,9 @@ def main() -> None:
         f"speculation:{DENSE}:{PALETTIZED}", args
     )
     if args.dialogsum:  # longer outputs: the drafter's own prefill is spread over more tokens
+        speculation[f"{PALETTIZED}, dialogues"] = spawn(
+            f"speculation:{PALETTIZED}::summarize-dialogue", args
+        )
         speculation[f"{DENSE} drafted by {PALETTIZED}, dialogues"] = spawn(
             f"speculation:{DENSE}:{PALETTIZED}:summarize-dialogue", args
         )

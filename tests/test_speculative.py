@@ -177,6 +177,18 @@ def test_thread_tuner_uses_the_faster_count_and_follows_a_change():
     assert tuner.best == 2 and used[-10:] == [2] * 10
 
 
+def test_a_re_probe_times_one_step_of_the_other_count_against_the_recent_steps():
+    tuner = ThreadTuner(candidates=(1, 2))
+    used = []
+    for _ in range(4 + 32 + 8):  # the first probe, an interval at the winner, then a re-probe
+        with tuner.step():
+            used.append(torch.get_num_threads())
+            time.sleep(0.004 if used[-1] == 2 else 0.001)
+    assert used[:4] == [1, 2, 1, 2]
+    assert used[4:36] == [1] * 32 and used[36] == 2 and used[37:] == [1] * 7
+    assert tuner.interval == 64  # the same winner: the next probe waits twice as long
+
+
 def test_one_thread_means_no_tuning():
     tuner = ThreadTuner(candidates=(1,))
     assert not tuner.active

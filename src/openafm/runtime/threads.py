@@ -4,9 +4,10 @@ On an idle machine two threads decode faster than one; with another CPU-bound pr
 machine, a parallel region waits for whichever of its threads the scheduler has descheduled, and
 two threads decode 3-4x slower than one (measured here: 10 against 34 tokens/s). No fixed
 setting is right in both cases, and load changes while a user waits. `ThreadTuner` times two
-decode steps with each candidate count, uses the fastest, probes again after an interval that
-doubles while the winner stays the same (32 to 1,024 steps), and probes at once when the median
-of the last eight steps turns twice as slow.
+decode steps with each candidate count and uses the fastest. It probes again after an interval
+that doubles while the winner stays the same (32 to 1,024 steps), and at once when the median
+of the last eight steps turns twice as slow; such a re-probe times one step of each other count
+against that median, so a probe costs little when the winner stays.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class ThreadTuner:
         self.best = self.candidates[-1]
         self.best_time = float("inf")
         self.interval = FIRST_INTERVAL
-        self._plan: list[int] = self._probe_plan()
+        self._plan: list[int] = [n for _ in range(PROBE_STEPS) for n in self.candidates]
         self._times: dict[int, list[float]] = {}
         self._until_probe = 0
         self._recent: list[float] = []
@@ -42,9 +43,6 @@ class ThreadTuner:
     @property
     def active(self) -> bool:
         return len(self.candidates) > 1
-
-    def _probe_plan(self) -> list[int]:
-        return [n for _ in range(PROBE_STEPS) for n in self.candidates]
 
     def _next_threads(self) -> int:
         return self._plan[0] if self._plan else self.best
@@ -81,8 +79,8 @@ class ThreadTuner:
             and statistics.median(self._recent) > SLOWDOWN * self.best_time
         )
         if self._until_probe <= 0 or slower:
-            self._plan = self._probe_plan()
-            self._times = {}
+            self._plan = [n for n in self.candidates if n != self.best]
+            self._times = {self.best: self._recent}
 
     def _decide(self) -> None:
         medians = {n: statistics.median(t) for n, t in self._times.items()}
