@@ -46,7 +46,7 @@ namespace {
 constexpr int64_t kRows = 4;    // rows per tile
 constexpr int64_t kBlock = 32;  // columns per block
 constexpr int64_t kMaxChunk = 4;  // activation rows computed together
-constexpr int64_t kPrefetchRows = 64;  // int8 rows: fetch this many rows ahead
+constexpr int64_t kPrefetchRows = 16;  // int8 rows: fetch this many rows ahead
 
 enum Isa : int64_t { kBest = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
 
@@ -373,16 +373,17 @@ OPENAFM_AVX512 void int8_rows512_chunk(const int8_t* v, const float* scale, int6
   for (auto& r : acc)
     for (auto& a : r) a = _mm512_setzero_ps();
   const int64_t k16 = k / 16 * 16;
-  for (int64_t j = 0; j < k; j += 16) {
-    const __mmask16 mask = j < k16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - j)) - 1);
-    __m512 xv[MC];
-    for (int m = 0; m < MC; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * ldx + j);
-    for (int64_t r = 0; r < kRows; ++r) {
+  for (int64_t r = 0; r < kRows; ++r) {  // row by row: the tile's bytes front to back
+    for (int64_t j = 0; j < k; j += 16) {
+      const __mmask16 mask = j < k16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - j)) - 1);
       const int8_t* src = v + (row + r) * k + j;
+      if (j % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * k), _MM_HINT_T0);
       const __m128i b = j < k16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src))
                                 : _mm_maskz_loadu_epi8(mask, src);
       const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-      for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      for (int m = 0; m < MC; ++m)
+        acc[r][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * ldx + j), acc[r][m]);
     }
   }
   for (int64_t r = 0; r < kRows; ++r)
@@ -399,19 +400,20 @@ OPENAFM_AVX512 void int8_rows512_q_chunk(const int8_t* v, const float* scale, in
   __m512i acc[kRows][MC];
   for (auto& r : acc)
     for (auto& a : r) a = _mm512_setzero_si512();
-  for (int64_t j = 0; j < k; j += 32) {
-    const __mmask32 mask = k - j >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (k - j)) - 1);
-    __m512i xv[MC];
-    for (int m = 0; m < MC; ++m) xv[m] = _mm512_loadu_si512(xq + m * ldq + j);
-    for (int64_t r = 0; r < kRows; ++r) {
+  for (int64_t r = 0; r < kRows; ++r) {  // row by row: the tile's bytes front to back
+    for (int64_t j = 0; j < k; j += 32) {
+      const __mmask32 mask =
+          k - j >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1ull << (k - j)) - 1);
       const int8_t* src = v + (row + r) * k + j;
-      _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * k), _MM_HINT_T0);
+      if (j % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * k), _MM_HINT_T0);
       const __m256i b = mask == 0xFFFFFFFFu
                             ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
                             : _mm256_maskz_loadu_epi8(mask, src);
       const __m512i wv = _mm512_cvtepi8_epi16(b);
       for (int m = 0; m < MC; ++m)
-        acc[r][m] = _mm512_add_epi32(acc[r][m], _mm512_madd_epi16(wv, xv[m]));
+        acc[r][m] = _mm512_add_epi32(acc[r][m],
+                                     _mm512_madd_epi16(wv, _mm512_loadu_si512(xq + m * ldq + j)));
     }
   }
   for (int64_t r = 0; r < kRows; ++r)
@@ -449,22 +451,19 @@ OPENAFM_AVX512_VNNI void int8_rows512_vnni_chunk(const int8_t* v, const float* s
   for (int64_t r = 0; r < kRows; ++r)
     for (int m = 0; m < MC; ++m) acc_lo[r][m] = acc_hi[r][m] = _mm512_setzero_si512();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t j = 0; j < k; j += 64) {
-    const bool full = k - j >= 64;
-    const __mmask64 mask = full ? ~0ull : (1ull << (k - j)) - 1;
-    __m512i xl[MC], xh[MC];
-    for (int m = 0; m < MC; ++m) {
-      xl[m] = _mm512_loadu_si512(lo + m * ldb + j);
-      xh[m] = _mm512_loadu_si512(hi + m * ldb + j);
-    }
-    for (int64_t r = 0; r < kRows; ++r) {
-      const int8_t* src = v + (row + r) * k + j;
+  // Row by row: the tile's bytes are read front to back (the activations stay in L1).
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int8_t* src_row = v + (row + r) * k;
+    for (int64_t j = 0; j < k; j += 64) {
+      const bool full = k - j >= 64;
+      const __mmask64 mask = full ? ~0ull : (1ull << (k - j)) - 1;
+      const int8_t* src = src_row + j;
       _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * k), _MM_HINT_T0);
       const __m512i raw = full ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8(mask, src);
       const __m512i w = _mm512_xor_si512(raw, flip);
       for (int m = 0; m < MC; ++m) {
-        acc_lo[r][m] = _mm512_dpbusd_epi32(acc_lo[r][m], w, xl[m]);
-        acc_hi[r][m] = _mm512_dpbusd_epi32(acc_hi[r][m], w, xh[m]);
+        acc_lo[r][m] = _mm512_dpbusd_epi32(acc_lo[r][m], w, _mm512_loadu_si512(lo + m * ldb + j));
+        acc_hi[r][m] = _mm512_dpbusd_epi32(acc_hi[r][m], w, _mm512_loadu_si512(hi + m * ldb + j));
       }
     }
   }
@@ -724,13 +723,15 @@ OPENAFM_AVX2 void int8_rows256_chunk(const int8_t* v, const float* scale, int64_
   for (auto& r : acc)
     for (auto& a : r) a = _mm256_setzero_ps();
   const int64_t k8 = k / 8 * 8;
-  for (int64_t j = 0; j < k8; j += 8) {
-    __m256 xv[MC];
-    for (int m = 0; m < MC; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + j);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + (row + r) * k + j));
+  for (int64_t r = 0; r < kRows; ++r) {  // row by row: the tile's bytes front to back
+    for (int64_t j = 0; j < k8; j += 8) {
+      const int8_t* src = v + (row + r) * k + j;
+      if (j % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * k), _MM_HINT_T0);
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
       const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-      for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+      for (int m = 0; m < MC; ++m)
+        acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + j), acc[r][m]);
     }
   }
   for (int64_t r = 0; r < kRows; ++r) {
@@ -751,15 +752,16 @@ OPENAFM_AVX2 void int8_rows256_q_chunk(const int8_t* v, const float* scale, int6
   for (auto& r : acc)
     for (auto& a : r) a = _mm256_setzero_si256();
   const int64_t k16 = k / 16 * 16;
-  for (int64_t j = 0; j < k16; j += 16) {
-    __m256i xv[MC];
-    for (int m = 0; m < MC; ++m)
-      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * ldq + j));
-    for (int64_t r = 0; r < kRows; ++r) {
-      const __m256i wv = _mm256_cvtepi8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + (row + r) * k + j)));
-      for (int m = 0; m < MC; ++m)
-        acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv, xv[m]));
+  for (int64_t r = 0; r < kRows; ++r) {  // row by row: the tile's bytes front to back
+    for (int64_t j = 0; j < k16; j += 16) {
+      const int8_t* src = v + (row + r) * k + j;
+      if (j % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchRows * k), _MM_HINT_T0);
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      for (int m = 0; m < MC; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * ldq + j));
+        acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv, xv));
+      }
     }
   }
   for (int64_t r = 0; r < kRows; ++r) {
