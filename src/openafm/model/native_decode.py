@@ -5,10 +5,10 @@ layers run module by module (their result is the reference the tests hold the st
 applies to inference (`torch.inference_mode`) on the CPU of one sequence's 1-16 new tokens with
 a float32 cache and no padding, when every projection is palettized in a width the kernels
 support, every adapter update can be fused (one LoRA for the batch, float32 or bfloat16
-factors), and no module has hooks. The stack is built on first use and rebuilt whenever a weight, an adapter or a norm of
-the model changes (checked by identity on every call: about 0.1 ms here). The modules
-themselves are listed once: code that replaces a layer's modules after decoding must drop the
-plan (`model.__dict__.pop(PLAN_ATTRIBUTE)`).
+factors), and no module has hooks. The stack is built on first use and rebuilt whenever a
+weight, an adapter or a norm of the model changes (checked by identity on every call: about
+0.1 ms here). The modules themselves are listed once: code that replaces a layer's modules
+after decoding must drop the plan (`model.__dict__.pop(PLAN_ATTRIBUTE)`).
 """
 
 from __future__ import annotations

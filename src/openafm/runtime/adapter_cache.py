@@ -1,11 +1,11 @@
 """Adapters at serving time: an LRU cache under a byte budget, and per-batch overlays.
 
 An adapter is loaded once (checked against the base's signature and shapes, converted to the
-dtype the model holds adapters in (`adapter_dtype`) with its scale folded into B) and kept while it fits the budget. A batch names
-one adapter per row (or none); `overlay` turns that into one `LowRankDelta` per projection:
-the adapter's own matrices when every row uses the same one, otherwise matrices gathered per
-row (zeros for rows without an adapter). Swapping is attribute assignment on the seams:
-nothing is rebuilt or recompiled.
+dtype the model holds adapters in, `adapter_dtype`, with its scale folded into B) and kept
+while it fits the budget. A batch names one adapter per row (or none); `overlay` turns that
+into one `LowRankDelta` per projection: the adapter's own matrices when every row uses the
+same one, otherwise matrices gathered per row (zeros for rows without an adapter). Swapping
+is attribute assignment on the seams: nothing is rebuilt or recompiled.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ DEFAULT_BUDGET_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class ServingAdapter:
-    """An adapter ready to overlay: per module path, A and scale·B in the model's adapter dtype."""
+    """An adapter ready to overlay: per module path, A and scale·B in the model's adapter
+    dtype (`adapter_dtype`)."""
 
     name: str
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
