@@ -73,7 +73,7 @@ def _dense_twin(model: Transformer) -> nn.Module:
         module.weight = nn.Parameter(original.dense_weight().float(), requires_grad=False)
         if original.delta is not None:
             d = original.delta
-            module.delta = LowRankDelta(d.a.detach(), d.b.detach(), d.scale)
+            module.delta = LowRankDelta(d.a.detach().float(), d.b.detach().float(), d.scale)
         compressed = original.compressed
         if isinstance(compressed, PalettizedWeight):
             groups, k = compressed.lut.shape
