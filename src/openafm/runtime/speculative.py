@@ -35,8 +35,8 @@ class PromptLookup:
     """Draft up to `max_draft` tokens by matching the last `max_ngram`..`min_ngram` tokens.
 
     The engine adapts the draft length within a generation (`next_draft_length`): two more
-    after a fully accepted draft, one fewer after a rejection, none for a few steps after a
-    rejected single token, so text that does not copy its input costs little.
+    after a fully accepted draft, one fewer after a rejection, so text that does not copy its
+    input costs little.
     """
 
     max_draft: int = 3  # verifying 4 rows costs one pass of the kernels' 4-row chunks
@@ -148,21 +148,11 @@ def _check_max_draft(max_draft: int) -> None:
         raise ValueError(f"max_draft must be in 1..15, not {max_draft}")
 
 
-PAUSE_STEPS = 4  # after a rejected one-token draft, decode this many steps without drafting
-
-
 def next_draft_length(current: int, drafted: int, accepted: int, most: int) -> int:
-    """The next draft's length after `accepted` of `drafted` tokens were kept: two more after
-    a fully accepted draft, one fewer after a rejection. A rejected one-token draft pauses
-    drafting for `PAUSE_STEPS` steps (a length ≤ 0 counts them up to 1): verifying even one
-    drafted token costs a third of a step, which text that does not copy never pays back."""
-    if current < 1:
-        return current + 1
+    """The next draft's length after `accepted` of `drafted` tokens were kept."""
     if drafted == 0:
         return current
-    if accepted == drafted:
-        return min(most, current + 2)
-    return current - 1 if current > 1 else 1 - PAUSE_STEPS
+    return min(most, current + 2) if accepted == drafted else max(1, current - 1)
 
 
 def verify(
