@@ -975,8 +975,9 @@ inline float factor(const T* b, int64_t i) {
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void add_low_rank_typed(const LowRank& lr, int64_t m, float* y, int64_t ldy,
-                                       int64_t r0, int64_t r1) {
+__attribute__((always_inline)) inline void add_low_rank_typed(const LowRank& lr, int64_t m,
+                                                              float* y, int64_t ldy, int64_t r0,
+                                                              int64_t r1) {
   const int64_t rank = lr.rank;
   const T* b = static_cast<const T*>(lr.b);
   for (int64_t i = 0; i < m; ++i) {
@@ -1118,20 +1119,31 @@ struct Product {
   at::Tensor y;  // (m, out_features)
 };
 
-// Every product's x Aᵀ, split over threads by rows of A (one parallel region).
+// Runs `part(i, lo, hi)` over ranges [lo, hi) of the parts of several products (sizes[i] each)
+// as one parallel region over their concatenation, `grain` parts per task at least.
+template <typename Part>
+void parallel_over_parts(const std::vector<int64_t>& sizes, int64_t grain, const Part& part) {
+  std::vector<int64_t> first{0};  // prefix sums of the sizes
+  for (const int64_t size : sizes) first.push_back(first.back() + size);
+  if (first.back() == 0) return;
+  at::parallel_for(0, first.back(), grain, [&](int64_t g0, int64_t g1) {
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const int64_t lo = std::max(g0, first[i]) - first[i];
+      const int64_t hi = std::min(g1, first[i + 1]) - first[i];
+      if (lo < hi) part(i, lo, hi);
+    }
+  });
+}
+
+// Every product's x Aᵀ, split over threads by rows of A.
 void fill_low_ranks(const std::vector<Product>& products, const at::Tensor& flat) {
-  std::vector<int64_t> first_row{0};  // prefix sums of the ranks
-  for (const Product& p : products) first_row.push_back(first_row.back() + p.lr.rank);
-  if (first_row.back() == 0) return;
+  std::vector<int64_t> ranks;
+  for (const Product& p : products) ranks.push_back(p.lr.rank);
   const int64_t m = flat.size(0), k = flat.size(1);
   const float* x = flat.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kGrainWeights / 8 / (k * m));
-  at::parallel_for(0, first_row.back(), grain, [&](int64_t g0, int64_t g1) {
-    for (size_t i = 0; i < products.size(); ++i) {
-      const int64_t j0 = std::max(g0, first_row[i]) - first_row[i];
-      const int64_t j1 = std::min(g1, first_row[i + 1]) - first_row[i];
-      if (j0 < j1) fill_low_rank(products[i].lr, x, m, j0, j1);
-    }
+  parallel_over_parts(ranks, grain, [&](size_t i, int64_t j0, int64_t j1) {
+    fill_low_rank(products[i].lr, x, m, j0, j1);
   });
 }
 
@@ -1145,7 +1157,7 @@ std::vector<at::Tensor> project(const at::Tensor& flat, const std::vector<const 
                                 int64_t isa) {
   const int64_t in_features = flat.size(1), m = flat.size(0), n = ws.size();
   std::vector<Product> products;
-  std::vector<int64_t> first_tile{0};  // prefix sums of the tiles
+  std::vector<int64_t> tiles;
   products.reserve(n);
   bool integer = false;  // some product runs on int8 tables and integer activations
   for (const Projection* p : ws) {
@@ -1162,7 +1174,7 @@ std::vector<at::Tensor> project(const at::Tensor& flat, const std::vector<const 
     products.push_back(Product{w, run,
                                low_rank(flat, p->lora_a, p->lora_b, p->lora_scale, p->out_features),
                                at::empty({m, p->out_features}, flat.options())});
-    first_tile.push_back(first_tile.back() + w.tiles);
+    tiles.push_back(w.tiles);
   }
   fill_low_ranks(products, flat);
   const int64_t blocks = products[0].w.blocks;
@@ -1171,18 +1183,13 @@ std::vector<at::Tensor> project(const at::Tensor& flat, const std::vector<const 
   std::optional<SplitActs> split;
   if (integer) split.emplace(flat.data_ptr<float>(), m, in_features, acts, flat.options());
   const int64_t grain = std::max<int64_t>(1, kGrainWeights / (kRows * blocks * kBlock * m));
-  at::parallel_for(0, first_tile.back(), grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t t0 = std::max(g0, first_tile[i]) - first_tile[i];
-      const int64_t t1 = std::min(g1, first_tile[i + 1]) - first_tile[i];
-      if (t0 >= t1) continue;
-      const Product& p = products[i];
-      const int64_t rows = p.w.rows;
-      float* out = p.y.data_ptr<float>();
-      p.run(p.w, acts, out, rows, t0, t1);
-      if (p.lr.b != nullptr) {
-        add_low_rank(p.lr, m, out, rows, t0 * kRows, std::min(t1 * kRows, rows));
-      }
+  parallel_over_parts(tiles, grain, [&](size_t i, int64_t t0, int64_t t1) {
+    const Product& p = products[i];
+    const int64_t rows = p.w.rows;
+    float* out = p.y.data_ptr<float>();
+    p.run(p.w, acts, out, rows, t0, t1);
+    if (p.lr.b != nullptr) {
+      add_low_rank(p.lr, m, out, rows, t0 * kRows, std::min(t1 * kRows, rows));
     }
   });
   std::vector<at::Tensor> ys;
