@@ -454,6 +454,15 @@ def with_busy_neighbour(names: list[str], args: argparse.Namespace) -> dict:
         burner.wait()
 
 
+def run_contention(args: argparse.Namespace) -> dict:
+    """1 vs 2 threads vs the engine's choice, quiet and (unless skipped) beside a busy process."""
+    contention = {f"{m} quiet": spawn(f"threads:{m}", args) for m in (DENSE, PALETTIZED)}
+    if not args.skip_contention:
+        busy = with_busy_neighbour([f"threads:{m}" for m in (DENSE, PALETTIZED)], args)
+        contention |= {f"{name.split(':')[1]} busy": r for name, r in busy.items()}
+    return contention
+
+
 def _ratio(a: dict | None, b: dict | None, key: str = "decode_tokens_per_s") -> float | None:
     return None if not a or not b or not b.get(key) else a[key] / b[key]
 
@@ -470,6 +479,9 @@ def main() -> None:
     )
     parser.add_argument("--dialogsum", help="DialogSum JSONL (the draft model on dialogues)")
     parser.add_argument("--skip-contention", action="store_true")
+    parser.add_argument(
+        "--only-contention", action="store_true", help="only 1 vs 2 threads vs auto, quiet and busy"
+    )
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -477,14 +489,14 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
+    if args.only_contention:
+        print(json.dumps({"machine": cpu(), "contention": run_contention(args)}, indent=2))
+        return
     machine = {**cpu(), **(spawn("bandwidth", args) or {})}
     quiet_names = [f"decode:{DENSE}:default:2"]
     quiet_names += [f"decode:{PALETTIZED}:{k}:2" for k in ("default", "fast", "exact", "reference")]
     quiet = {name: spawn(name, args) for name in quiet_names}
-    contention = {f"{m} quiet": spawn(f"threads:{m}", args) for m in (DENSE, PALETTIZED)}
-    if not args.skip_contention:
-        busy = with_busy_neighbour([f"threads:{m}" for m in (DENSE, PALETTIZED)], args)
-        contention |= {f"{name.split(':')[1]} busy": r for name, r in busy.items()}
+    contention = run_contention(args)
     memory = spawn(f"memory:{PALETTIZED}", args)
     profiles = {
         "palettized_before (reference)": spawn(f"profile:{PALETTIZED}:reference", args),

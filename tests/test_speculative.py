@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from openafm.runtime import DraftModel, Engine, PromptLookup, SamplingParams
 from openafm.runtime.speculative import next_draft_length, verify
-from openafm.runtime.threads import ThreadTuner
+from openafm.runtime.threads import IdleCores, ThreadTuner
 from tests.conftest import FIXTURES, byte_tokenizer, make_tiny
 
 
@@ -156,37 +158,101 @@ def test_speculation_on_the_summarization_features_changes_no_token():
     assert accepted > 0
 
 
+class FakeIdle(IdleCores):
+    """Idle cores as the test sets them (None: unknown), with no waiting for the counters."""
+
+    def __init__(self, cores: float | None) -> None:
+        self.cores = cores
+
+    def restart(self) -> None:
+        pass
+
+    def span(self) -> float:
+        return float("inf")
+
+    def __call__(self) -> float | None:
+        return self.cores
+
+
+def _run_tuner(tuner: ThreadTuner, steps: int, slow_threads: int) -> list[int]:
+    """Thread counts of `steps` sleeps, 4 ms with `slow_threads` threads and 1 ms otherwise."""
+    used = []
+    for _ in range(steps):
+        with tuner.step():
+            used.append(torch.get_num_threads())
+            time.sleep(0.004 if used[-1] == slow_threads else 0.001)
+    return used
+
+
 def test_thread_tuner_uses_the_faster_count_and_follows_a_change():
-    tuner = ThreadTuner(candidates=(1, 2))
-    slow_threads = [2]  # the count that is slow now
-
-    def run(steps: int) -> list[int]:  # probes take 4 steps, then 32 steps at the winner
-        used = []
-        for _ in range(steps):
-            with tuner.step():
-                used.append(torch.get_num_threads())
-                time.sleep(0.004 if used[-1] == slow_threads[0] else 0.001)
-        return used
-
+    tuner = ThreadTuner(candidates=(1, 2), idle_cores=FakeIdle(None))  # room unknown: probe
     before = torch.get_num_threads()
-    used = run(30)
+    used = _run_tuner(tuner, 30, slow_threads=2)
     assert torch.get_num_threads() == before  # restored after every step
+    assert used[:12] == [1] * 8 + [2, 2, 1, 1]  # the fewest first, then a probe of the rest
     assert tuner.best == 1 and used[-10:] == [1] * 10
-    slow_threads[0] = 1  # the machine changes: one thread becomes the slow choice
-    used = run(30)  # the slowdown is seen within eight steps, and a probe follows
-    assert tuner.best == 2 and used[-10:] == [2] * 10
+    used = _run_tuner(tuner, 30, slow_threads=1)  # the machine changes: one thread is slow
+    assert tuner.best == 2 and used[-10:] == [2] * 10  # seen within eight steps, then probed
 
 
 def test_a_re_probe_times_one_step_of_the_other_count_against_the_recent_steps():
-    tuner = ThreadTuner(candidates=(1, 2))
-    used = []
-    for _ in range(4 + 32 + 8):  # the first probe, an interval at the winner, then a re-probe
-        with tuner.step():
-            used.append(torch.get_num_threads())
-            time.sleep(0.004 if used[-1] == 2 else 0.001)
-    assert used[:4] == [1, 2, 1, 2]
-    assert used[4:36] == [1] * 32 and used[36] == 2 and used[37:] == [1] * 7
+    tuner = ThreadTuner(candidates=(1, 2), idle_cores=FakeIdle(None))
+    used = _run_tuner(tuner, 8 + 2 + 32 + 8, slow_threads=1)
+    assert used[:10] == [1] * 8 + [2, 2]  # the first probe: two steps of two threads
+    assert used[10:42] == [2] * 32 and used[42] == 1 and used[43:] == [2] * 7
     assert tuner.interval == 64  # the same winner: the next probe waits twice as long
+
+
+def test_no_probe_of_more_threads_while_the_machine_has_no_idle_core():
+    idle = FakeIdle(0.05)  # what a CPU-bound neighbour leaves idle on a 2-core machine
+    tuner = ThreadTuner(candidates=(1, 2), idle_cores=idle)
+    used = _run_tuner(tuner, 8 + 3 * 32, slow_threads=1)  # two threads would be faster...
+    assert used == [1] * len(used) and tuner.probes == 0  # ...but there is no core to run on
+    idle.cores = 0.9  # the neighbour stops: more threads are tried within one interval
+    used = _run_tuner(tuner, 40, slow_threads=1)
+    assert tuner.best == 2 and used[-5:] == [2] * 5
+
+
+def test_idle_cores_are_read_from_the_kernel_counters(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 1000 20 0 0 0 0 0\ncpu0 50 0 25 500 10 0 0 0 0 0\n")
+    idle = IdleCores(stat)
+    time.sleep(0.1)
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat.write_text(f"cpu  100 0 50 {1000 + ticks // 10} 20 0 0 0 0 0\n")
+    assert idle.span() >= 0.1
+    assert idle() == pytest.approx(1.0, rel=0.35)  # a tenth of a second idle in 0.1 s
+    idle.restart()
+    assert idle.span() < 0.1
+    missing = IdleCores(tmp_path / "missing")
+    assert missing() is None and missing.span() == float("inf")  # no counters: never wait
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's CPU counters")
+def test_idle_cores_see_a_busy_process_and_the_tuner_waits_for_a_long_enough_reading():
+    import subprocess
+    import sys
+
+    idle = IdleCores()
+    time.sleep(0.3)
+    quiet = idle()
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count())
+    ]
+    try:
+        time.sleep(0.2)
+        idle.restart()
+        time.sleep(0.3)
+        busy = idle()
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert quiet is not None and busy is not None
+    assert busy < 0.5 <= quiet  # every core taken; this test itself sleeps
+    tuner = ThreadTuner(candidates=(1, 2))  # real counters: the first probe needs 0.1 s of them
+    used = _run_tuner(tuner, 12, slow_threads=2)
+    assert used == [1] * 12  # 12 one-millisecond steps are too short a reading to probe on
 
 
 def test_one_thread_means_no_tuning():
