@@ -47,6 +47,20 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_long_dir(tmp_path_factory) -> Path:
+    """The tiny model with room for a whole e-mail in bytes (its preset holds 256 tokens)."""
+    from dataclasses import replace
+
+    from openafm.io import write_hf
+
+    path = tmp_path_factory.mktemp("tiny-long")
+    model = make_tiny()
+    write_hf(path, replace(model.config, max_seq_len=2048), model.state_dict())
+    byte_tokenizer().save(path)
+    return path
+
+
 def byte_tokenizer(vocab_size: int = 512) -> Tokenizer:
     """A byte-level tokenizer with no merges: every UTF-8 byte is one token (ids 0..255),
     then special tokens; padded to `vocab_size` with unused tokens."""

@@ -11,8 +11,8 @@ import pytest
 from openafm.adapters import LoraAdapter, LoraConfig, save_adapter
 from openafm.eval import bootstrap_ci, rouge_report
 from openafm.features import clean_summary, feature_for, get_feature
-from openafm.io import model_signature, write_hf
-from tests.conftest import FIXTURES, byte_tokenizer, make_tiny
+from openafm.io import model_signature
+from tests.conftest import FIXTURES, make_tiny
 from tests.test_cli import afm, assert_one_line_error
 
 AESLC = FIXTURES / "summaries" / "aeslc_test_head4.jsonl"
@@ -20,14 +20,8 @@ DIALOGSUM = FIXTURES / "summaries" / "dialogsum_test_head3.jsonl"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny model with room for a whole e-mail in bytes (its preset holds 256 tokens)."""
-    path = tmp_path_factory.mktemp("tiny-long")
-    model = make_tiny()
-    config = replace(model.config, max_seq_len=2048)
-    write_hf(path, config, model.state_dict())
-    byte_tokenizer().save(path)
-    return path
+def tiny_dir(tiny_long_dir):
+    return tiny_long_dir
 
 
 def test_evaluations_are_recorded_and_a_zero_adapter_scores_as_the_base(tiny_dir, tmp_path):

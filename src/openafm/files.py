@@ -1,11 +1,12 @@
-"""File helpers every layer may use: content hashes, JSON Lines reading, atomic JSON writes."""
+"""File helpers every layer may use: content hashes, JSON Lines reading, atomic JSON (Lines) writes."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number, record) from a JSON Lines file, or from a CSV file (`.csv`: one dict
+    per row, keyed by the header)."""
+    if Path(path).suffix.lower() != ".csv":
+        yield from read_jsonl(path)
+        return
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        yield from enumerate(csv.DictReader(f), 1)
+
+
 class JsonLinesError(ValueError):
     """A line of a JSON Lines file is not valid JSON."""
 
@@ -40,3 +51,12 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 yield n, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise JsonLinesError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:
+    """Write one JSON value per line under a temporary name, then rename it into place."""
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -80,7 +80,7 @@ def train(
         str | None, typer.Option(help="Layers to adapt: 'all' or e.g. '0-5,10'.")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(min=1, help="Optimizer steps [default: 200].")
+        int | None, typer.Option(min=1, help="Optimizer steps (default: 200).")
     ] = None,
     epochs: Annotated[
         float | None, typer.Option(min=0.0, help="Passes over the data (instead of --steps).")
@@ -106,19 +106,19 @@ def train(
     init_from: Annotated[
         str | None,
         typer.Option(
-            help="Start from this adapter (name or path) [default: a compressed base's recovery"
-            " adapter, else a fresh adapter]."
+            help="Start from this adapter (name or path) (default: a compressed base's recovery"
+            " adapter, else a fresh adapter)."
         ),
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Base model [default: the on-device base].")
+        str | None, typer.Option(help="Base model (default: the on-device base).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Adapter directory [default: $OPENAFM_HOME/adapters/NAME].")
+        Path | None, typer.Option(help="Adapter directory (default: $OPENAFM_HOME/adapters/NAME).")
     ] = None,
     run_dir: Annotated[
         Path | None,
-        typer.Option(help="Checkpoints and metrics [default: $OPENAFM_HOME/runs/adapters/NAME]."),
+        typer.Option(help="Checkpoints and metrics (default: $OPENAFM_HOME/runs/adapters/NAME)."),
     ] = None,
     restart: Annotated[
         bool, typer.Option(help="Discard the run directory's checkpoint instead of resuming.")
@@ -279,7 +279,7 @@ def import_cmd(
     source: Annotated[Path, typer.Argument(help="A PEFT LoRA directory.")],
     name: Annotated[str, typer.Option(help="Name for the imported adapter.")],
     model: Annotated[
-        str | None, typer.Option(help="Base it belongs to [default: the on-device base].")
+        str | None, typer.Option(help="Base it belongs to (default: the on-device base).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an adapter of that name.")] = False,
 ) -> None:

@@ -32,7 +32,7 @@ KernelOption = Annotated[
         help="How compressed models compute: default (native kernels at negligible quality"
         " cost), fast (default plus int8 tables for 4-bit weights on AVX-512 VNNI CPUs: a small"
         " quality cost), exact (native, float32 throughout) or reference (PyTorch only)"
-        " [default: $OPENAFM_KERNEL or default].",
+        " (default: $OPENAFM_KERNEL or default).",
     ),
 ]
 

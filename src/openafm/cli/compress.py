@@ -97,7 +97,7 @@ def _read_costs(path: Path) -> list[OperationCost]:
 def compress(
     out: Annotated[Path, typer.Option(help="Directory to write the compressed model to.")],
     model: Annotated[
-        str | None, typer.Option(help="Model to compress [default: the on-device base].")
+        str | None, typer.Option(help="Model to compress (default: the on-device base).")
     ] = None,
     bpw: Annotated[
         float,
@@ -109,7 +109,7 @@ def compress(
     group: Annotated[int, typer.Option(min=1, help="Output rows sharing one lookup table.")] = 16,
     calibration: Annotated[
         Path | None,
-        typer.Option(help="Calibration text [default: a bundled WikiText-2 validation slice]."),
+        typer.Option(help="Calibration text (default: a bundled WikiText-2 validation slice)."),
     ] = None,
     calibration_tokens: Annotated[
         int, typer.Option(min=64, help="Tokens to calibrate on.")
@@ -212,11 +212,11 @@ def recover(
     ],
     teacher: Annotated[
         str | None,
-        typer.Option(help="Uncompressed teacher [default: the base the model was made from]."),
+        typer.Option(help="Uncompressed teacher (default: the base the model was made from)."),
     ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 300,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha [default: 2 x rank].")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: 2 x rank).")] = None,
     seq_len: Annotated[int, typer.Option(min=16, help="Tokens per training window.")] = 256,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW).")] = 5e-4,
@@ -229,7 +229,7 @@ def recover(
     eval_every: Annotated[int, typer.Option(min=1, help="Held-out KLD every N steps.")] = 25,
     run_dir: Annotated[
         Path | None,
-        typer.Option(help="Checkpoints and metrics.jsonl [default: MODEL/.recovery-run]."),
+        typer.Option(help="Checkpoints and metrics.jsonl (default: MODEL/.recovery-run)."),
     ] = None,
     restart: Annotated[bool, typer.Option(help="Discard the run directory's checkpoint.")] = False,
     device: Annotated[

@@ -1,4 +1,5 @@
-"""`afm eval summarize|quality`: task quality of a feature; closeness to a reference model."""
+"""`afm eval summarize|quality`: feature quality (ROUGE, graded summaries), closeness to a
+reference model; the suites (`ifeval`, `safety`, `injection`, `report`) live in `eval_suites`."""
 
 from __future__ import annotations
 
@@ -13,28 +14,31 @@ from rich.progress import Progress
 
 from openafm.adapters.adapter_file import record_evaluation
 from openafm.adapters.registry import find_adapter
+from openafm.cli import eval_suites
 from openafm.cli.common import (
     KernelOption,
     choose_kernel,
-    command_line,
     err_console,
     load_named,
     print_json,
     user_errors,
 )
-from openafm.eval import rouge_report
-from openafm.features import feature_for, get_feature, summarize
-from openafm.files import read_jsonl, sha256_file, write_json_atomic
-from openafm.runtime import engine_for
+from openafm.cli.eval_suites import DEFAULT_MODEL, load_engine, progress_bar, provenance_of
+from openafm.eval.suites import score_summaries
+from openafm.features import feature_for, get_feature
+from openafm.features.summarize import replies
+from openafm.files import read_records, write_jsonl_atomic
 
 app = typer.Typer(
-    help="Measure quality: summarization ROUGE; closeness to a reference model.",
+    help="Measure quality: summaries (ROUGE, grades); closeness to a reference model;"
+    " instruction following (IFEval); safety (AdvBench, HarmBench, XSTest); prompt injection;"
+    " one report for every model variant.",
     no_args_is_help=True,
 )
 
 
 def _read_records(path: Path, limit: int | None) -> list[dict[str, object]]:
-    records = [record for _, record in islice(read_jsonl(path), limit)]
+    records = [record for _, record in islice(read_records(path), limit)]
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
@@ -45,15 +49,16 @@ def summarize_cmd(
     data: Annotated[
         Path,
         typer.Option(
-            help="JSONL records: AESLC (email, ann0-2) or DialogSum (dialogue, summary*)."
+            help="Records: AESLC (JSONL: email, ann0-2), DialogSum (JSONL: dialogue,"
+            " summary*) or SAMSum (CSV: id, summary, dialogue)."
         ),
     ],
     adapter: Annotated[
-        str | None, typer.Option(help="Adapter to apply [default: none, the prompted base].")
+        str | None, typer.Option(help="Adapter to apply (default: none, the prompted base).")
     ] = None,
     feature: Annotated[
         str | None,
-        typer.Option(help="Feature (prompt format) [default: from the records' fields]."),
+        typer.Option(help="Feature (prompt format) (default: from the records' fields)."),
     ] = None,
     shots: Annotated[
         int, typer.Option(min=0, help="Demonstrations before each record (few-shot prompt).")
@@ -63,11 +68,14 @@ def summarize_cmd(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together.")] = 8,
     model: Annotated[
-        str | None, typer.Option(help="Base model [default: the on-device base].")
+        str | None, typer.Option(help="Base model (default: the on-device base).")
     ] = None,
     predictions: Annotated[
         Path | None,
-        typer.Option(help="Also write each summary and its references to this JSON file."),
+        typer.Option(
+            help="Write one JSON line per record here: prompt, response (the summary),"
+            " references, ROUGE-L and grades."
+        ),
     ] = None,
     record: Annotated[
         str | None,
@@ -79,42 +87,41 @@ def summarize_cmd(
     kernel: KernelOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Summarize each record greedily and report ROUGE-1/2/L with 95% bootstrap intervals."""
+    """Summarize each record greedily; report ROUGE-1/2/L and graded summaries (good, neutral,
+    poor on the seed's scheme, with automatic proxies; per input-length tercile), each with a
+    95% bootstrap interval."""
     choose_kernel(kernel)
     with user_errors():
         records = _read_records(data, limit)
         task = get_feature(feature) if feature else feature_for(records)
-        references = [task.references(r) for r in records]
-        with err_console.status("loading model…", spinner="dots"):
-            pretrained = load_named(model)
-        engine = engine_for(pretrained, prefill_dtype=torch.bfloat16)
+        for r in records:  # bad records fail before the model loads
+            task.input_of(r)
+            task.references(r)
+        engine, signature = load_engine(model)
         start = time.perf_counter()
-        with Progress(console=err_console, transient=True) as progress:
-            bar = progress.add_task(f"{task.name} ({adapter or 'base'})", total=len(records))
-            summaries = summarize(
+        with progress_bar(f"{task.name} ({adapter or 'base'})", len(records)) as advance:
+            texts = replies(
                 engine,
                 task,
                 records,
                 adapter=adapter,
                 shots=shots,
                 batch_size=batch_size,
-                on_batch=lambda n: progress.advance(bar, n),
+                on_batch=advance,
             )
-        report = {
-            "feature": task.name,
-            "adapter": adapter,
-            "shots": shots,
-            **rouge_report(summaries, references),
-            "seconds": round(time.perf_counter() - start, 1),
+        seconds = time.perf_counter() - start
+        result = score_summaries(task, records, texts)
+        run = {
+            "model": model or DEFAULT_MODEL,
+            "model_signature": signature,
+            "decoding": {"temperature": 0.0, "max_tokens": task.max_tokens, "shots": shots},
+            "seconds": round(seconds, 1),
+            "examples_per_s": round(len(records) / seconds, 3),
         }
+        report = {**result.figures, "adapter": adapter, "shots": shots}
+        report |= provenance_of(data, adapter, run)
         if predictions is not None:
-            write_json_atomic(
-                predictions,
-                [
-                    {"summary": s, "references": r}
-                    for s, r in zip(summaries, references, strict=True)
-                ],
-            )
+            write_jsonl_atomic(predictions, result.rows)
         if record is not None:
             target = find_adapter(record)
             role = (
@@ -122,14 +129,16 @@ def summarize_cmd(
                 if adapter is not None and find_adapter(adapter) == target
                 else "prompted_base"
             )
-            provenance = {"data_sha256": sha256_file(data), "command": command_line()}
-            record_evaluation(target, data.name, role, {**report, **provenance})
+            record_evaluation(target, data.name, role, report)
         if json_output:
             print_json(report)
             return
         for key in ("rouge1", "rouge2", "rougeL"):
             low, high = report[f"{key}_ci"]  # type: ignore[misc]
             print(f"{key:7} {report[key]:.4f}  (95% CI {low:.4f}-{high:.4f})")
+        for name, part in report["grades"].items():  # type: ignore[union-attr]
+            low, high = part["ci"]
+            print(f"{name:7} {100 * part['rate']:5.1f}%  (95% CI {100 * low:.1f}-{100 * high:.1f})")
         print(f"n {report['n']}, mean summary length {report['mean_words']} words")
 
 
@@ -138,7 +147,7 @@ def quality_cmd(
     model: Annotated[str, typer.Option(help="Model to score (e.g. a compressed directory).")],
     data: Annotated[Path, typer.Option(help="Plain text to score on (never calibration text).")],
     reference: Annotated[
-        str | None, typer.Option(help="Reference model [default: the on-device base].")
+        str | None, typer.Option(help="Reference model (default: the on-device base).")
     ] = None,
     tokens: Annotated[
         int, typer.Option(min=2, help="Token budget: the first N tokens of --data, in windows.")
@@ -208,3 +217,9 @@ def quality_cmd(
             f" same top-1 {100 * report.top1_agreement:.1f}%; {report.tokens} tokens scored;"
             f" bpw {summary['bpw']:.3f}, bpw_total {summary['bpw_total']:.3f}"
         )
+
+
+app.command("ifeval")(eval_suites.ifeval_cmd)
+app.command("safety")(eval_suites.safety_cmd)
+app.command("injection")(eval_suites.injection_cmd)
+app.command("report")(eval_suites.report_cmd)

@@ -44,7 +44,7 @@ def generate(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Known model name, .gguf file, or model directory [default: the on-device base]."
+            help="Known model name, .gguf file, or model directory (default: the on-device base)."
         ),
     ] = None,
     prefill_dtype: Annotated[

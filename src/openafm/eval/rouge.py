@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from rouge_score import rouge_scorer
 
+from openafm.eval.intervals import bootstrap_ci
+
 METRICS = ("rouge1", "rouge2", "rougeL")
 
 
@@ -27,17 +29,6 @@ def rouge_per_example(
         for pred, refs in zip(predictions, references, strict=True)
     ]
     return {m: np.array([r[m].fmeasure for r in rows]) for m in METRICS}
-
-
-def bootstrap_ci(
-    values: np.ndarray, *, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_resamples, len(values)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 def rouge_report(

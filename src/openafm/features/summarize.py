@@ -1,8 +1,9 @@
 """Summarization features: the one place their prompt formats and reference fields live.
 
-Each feature maps a record of its data set (AESLC e-mails, DialogSum dialogues) to the chat
-messages the model sees, names the adapter that serves it, and cleans the model's reply. The
-adapter trainer, the evaluation command and the product all use these same formats.
+Each feature maps a record of its data set (AESLC e-mails, DialogSum dialogues, SAMSum chat
+messages) to the chat messages the model sees, names the adapter that serves it, and cleans the
+model's reply. The adapter trainer, the evaluation command and the product all use these same
+formats.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from openafm.runtime import Engine, SamplingParams
+from openafm.runtime.batches import generate_in_batches
 
 Record = Mapping[str, object]
 
@@ -28,6 +30,8 @@ class SummaryFeature:
     max_tokens: int
     demonstrations: tuple[tuple[str, str], ...] = ()
     """Hand-written (input, summary) pairs for few-shot prompts of the plain base."""
+    input_marker: str = ""
+    """Text every input of this feature's data set carries (tells sets with one field apart)."""
 
     @property
     def adapter(self) -> str:
@@ -120,6 +124,7 @@ SUMMARIZE_DIALOGUE = SummaryFeature(
     reference_fields=("summary1", "summary2", "summary3", "summary"),
     max_input_words=400,
     max_tokens=72,
+    input_marker="#Person1#",
     demonstrations=(
         (
             "#Person1#: Hi, I'd like to book a table for two tonight.\n#Person2#: Certainly."
@@ -135,7 +140,27 @@ SUMMARIZE_DIALOGUE = SummaryFeature(
         ),
     ),
 )
-FEATURES: dict[str, SummaryFeature] = {f.name: f for f in (SUMMARIZE_EMAIL, SUMMARIZE_DIALOGUE)}
+SUMMARIZE_MESSAGES = SummaryFeature(
+    name="summarize-messages",
+    input_field="dialogue",
+    instruction=(
+        "Summarize the chat messages below in one sentence, in the third person, naming the"
+        " people. Reply with the summary only."
+    ),
+    reference_fields=("summary",),
+    max_input_words=300,
+    max_tokens=48,
+    demonstrations=(
+        (
+            "Tom: are we still on for lunch?\nAnna: yes! 12:30 at the usual place\nTom: great,"
+            " see you",
+            "Tom and Anna will meet for lunch at 12:30 at the usual place.",
+        ),
+    ),
+)
+FEATURES: dict[str, SummaryFeature] = {
+    f.name: f for f in (SUMMARIZE_EMAIL, SUMMARIZE_DIALOGUE, SUMMARIZE_MESSAGES)
+}
 
 
 def get_feature(name: str) -> SummaryFeature:
@@ -146,14 +171,40 @@ def get_feature(name: str) -> SummaryFeature:
 
 
 def feature_for(records: Sequence[Record]) -> SummaryFeature:
-    """The feature whose input field the records have (e-mail or dialogue)."""
+    """The feature whose input field (and marker) the records have: e-mails (AESLC), dialogues
+    (DialogSum, speakers #Person1#, #Person2#) or chat messages (SAMSum)."""
     if not records:
         raise ValueError("no records")
     for feature in FEATURES.values():
-        if all(isinstance(r, Mapping) and feature.input_field in r for r in records):
+        if all(
+            isinstance(r, Mapping)
+            and feature.input_field in r
+            and feature.input_marker in str(r[feature.input_field])
+            for r in records
+        ):
             return feature
     fields = ", ".join(f.input_field for f in FEATURES.values())
     raise ValueError(f"records need one of the input fields: {fields}")
+
+
+def replies(
+    engine: Engine,
+    feature: SummaryFeature,
+    records: Sequence[Record],
+    *,
+    adapter: str | None = None,
+    shots: int = 0,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """The model's greedy replies to `records` as they are (batched by prompt length; in input
+    order); `summarize` cleans them to the summary line."""
+    prompts = [engine.tokenizer.encode_chat(feature.messages(r, shots=shots)) for r in records]
+    params = SamplingParams(max_tokens=feature.max_tokens, temperature=0.0)
+    done = generate_in_batches(
+        engine, prompts, params, adapter=adapter, batch_size=batch_size, on_batch=on_batch
+    )
+    return [c.text for c in done]
 
 
 def summarize(
@@ -167,15 +218,13 @@ def summarize(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy summaries of `records` (batched by prompt length; returned in input order)."""
-    prompts = [engine.tokenizer.encode_chat(feature.messages(r, shots=shots)) for r in records]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    params = SamplingParams(max_tokens=feature.max_tokens, temperature=0.0)
-    out = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        done = engine.generate([prompts[i] for i in batch], params, adapters=adapter)
-        for i, completion in zip(batch, done, strict=True):
-            out[i] = clean_summary(completion.text)
-        if on_batch is not None:
-            on_batch(len(batch))
-    return out
+    texts = replies(
+        engine,
+        feature,
+        records,
+        adapter=adapter,
+        shots=shots,
+        batch_size=batch_size,
+        on_batch=on_batch,
+    )
+    return [clean_summary(t) for t in texts]

@@ -1,0 +1,357 @@
+"""One report for every model variant: each suite run (or read from its cache), then a Markdown
+page with charts that put the variants side by side.
+
+A result is cached under `OUT/cache/` keyed by the suite, the model's and adapter's
+signatures, the data's checksum and the settings, so a second report regenerates nothing that
+has not changed; each cached result keeps its per-example rows (JSONL) beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from openafm import __version__
+from openafm.eval import ifeval, injection, safety
+from openafm.eval.ifeval import MAX_NEW_TOKENS as IFEVAL_MAX_NEW_TOKENS
+from openafm.eval.records import adapter_signature
+from openafm.eval.suites import (
+    SuiteResult,
+    score_ifeval,
+    score_injection,
+    score_safety,
+    score_summaries,
+)
+from openafm.features.summarize import FEATURES, SummaryFeature, replies
+from openafm.files import read_records, sha256_file, write_json_atomic, write_jsonl_atomic
+from openafm.runtime import Engine
+from openafm.runtime.batches import greedy_chat_responses
+
+SUMMARY_SETS = {
+    "aeslc": "summarize-email",
+    "dialogsum": "summarize-dialogue",
+    "samsum": "summarize-messages",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model, optionally with one feature adapter."""
+
+    model: str
+    adapter: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.model if self.adapter is None else f"{self.model} + {Path(self.adapter).name}"
+
+    @property
+    def feature(self) -> str | None:
+        """The summarization feature the adapter serves (by its name), if any."""
+        name = None if self.adapter is None else Path(self.adapter).name
+        return name if name in FEATURES else None
+
+
+@dataclass(frozen=True)
+class SuiteData:
+    """The data each suite reads (a suite without data is skipped) and its settings."""
+
+    ifeval: Path | None = None
+    advbench: Path | None = None
+    harmbench: Path | None = None
+    xstest: Path | None = None
+    aeslc: Path | None = None
+    dialogsum: Path | None = None
+    samsum: Path | None = None
+    limit: int | None = None  # examples per suite (None: all)
+    ifeval_max_tokens: int = IFEVAL_MAX_NEW_TOKENS
+    safety_max_tokens: int = 256
+    injection_per_feature: int = 120
+    batch_size: int = 8
+
+
+Progress = Callable[[str, int], Callable[[int], None]]  # (title, total) -> advance(n)
+
+
+def suites_for(variant: Variant, data: SuiteData) -> list[str]:
+    """The suites a variant runs: all for a base; for an adapter, the general suites and its
+    own feature's summaries and injections."""
+    names = [n for n in ("ifeval", "advbench", "harmbench", "xstest") if getattr(data, n)]
+    for set_name, feature in SUMMARY_SETS.items():
+        if getattr(data, set_name) and variant.feature in (None, feature):
+            names.append(set_name)
+    injectable = (None, "summarize-email", "summarize-dialogue")
+    if data.aeslc and data.dialogsum and variant.feature in injectable:
+        names.append("injection")
+    return names
+
+
+def _data_files(suite: str, data: SuiteData) -> list[Path]:
+    if suite == "injection":
+        return [p for p in (data.aeslc, data.dialogsum) if p is not None]
+    return [getattr(data, suite)]
+
+
+def _settings(suite: str, data: SuiteData) -> dict[str, object]:
+    """The settings that change a suite's answers (batches pad prompts: batch size counts)."""
+    if suite == "injection":
+        return {"per_feature": data.injection_per_feature, "batch_size": data.batch_size}
+    settings: dict[str, object] = {"limit": data.limit, "batch_size": data.batch_size}
+    if suite == "ifeval":
+        settings["max_tokens"] = data.ifeval_max_tokens
+    elif suite in safety.KINDS:
+        settings["max_tokens"] = data.safety_max_tokens
+    return settings
+
+
+def cache_key(suite: str, model_signature: str, variant: Variant, data: SuiteData) -> str:
+    settings = _settings(suite, data)
+    material = {
+        "suite": suite,
+        "model_signature": model_signature,
+        "adapter_signature": adapter_signature(variant.adapter),
+        "data": [sha256_file(p) for p in _data_files(suite, data)],
+        "settings": settings,
+        "openafm": __version__,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _records(path: Path, limit: int | None) -> list[dict[str, object]]:
+    records = [r for _, r in read_records(path)][:limit]
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def run_suite(
+    suite: str, engine: Engine, variant: Variant, data: SuiteData, advance: Callable[[int], None]
+) -> SuiteResult:
+    """Generate the suite's answers with `engine` and score them."""
+    batch = {"adapter": variant.adapter, "batch_size": data.batch_size, "on_batch": advance}
+    if suite == "ifeval":
+        prompts = ifeval.read_prompts(data.ifeval)[: data.limit]  # type: ignore[arg-type]
+        texts, _ = greedy_chat_responses(
+            engine, [p.prompt for p in prompts], max_tokens=data.ifeval_max_tokens, **batch
+        )
+        return score_ifeval(prompts, texts)
+    if suite in safety.KINDS:
+        asked = safety.read_safety_prompts(getattr(data, suite), suite)[: data.limit]
+        texts, _ = greedy_chat_responses(
+            engine, [p.prompt for p in asked], max_tokens=data.safety_max_tokens, **batch
+        )
+        return score_safety(suite, asked, texts)
+    if suite in SUMMARY_SETS:
+        feature = FEATURES[SUMMARY_SETS[suite]]
+        records = _records(getattr(data, suite), data.limit)
+        return score_summaries(feature, records, replies(engine, feature, records, **batch))
+    if suite == "injection":
+        return run_injection(engine, variant, data, advance)
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+def run_injection(
+    engine: Engine, variant: Variant, data: SuiteData, advance: Callable[[int], None]
+) -> SuiteResult:
+    """Injection cases for the prompted base (both features) or the adapter's own feature."""
+    sets: list[tuple[SummaryFeature, list[dict[str, object]]]] = []
+    for path, name in ((data.aeslc, "summarize-email"), (data.dialogsum, "summarize-dialogue")):
+        if path is not None and variant.feature in (None, name):
+            sets.append((FEATURES[name], _records(path, data.injection_per_feature)))
+    cases = injection.make_cases(sets, per_feature=data.injection_per_feature)
+    texts: dict[int, str] = {}
+    for feature, _ in sets:
+        mine = [i for i, c in enumerate(cases) if c.feature == feature.name]
+        answers = replies(
+            engine,
+            feature,
+            [cases[i].record for i in mine],
+            adapter=variant.adapter,
+            batch_size=data.batch_size,
+            on_batch=advance,
+        )
+        texts |= dict(zip(mine, answers, strict=True))
+    return score_injection(cases, FEATURES, [texts[i] for i in range(len(cases))])
+
+
+def suite_size(suite: str, variant: Variant, data: SuiteData) -> int:
+    """How many examples a suite generates (for progress bars)."""
+    if suite == "injection":
+        features = 2 if variant.feature is None else 1
+        return features * data.injection_per_feature
+    if suite == "ifeval":
+        count = sum(1 for _ in read_records(data.ifeval))  # type: ignore[arg-type]
+    else:
+        count = sum(1 for _ in read_records(getattr(data, suite)))
+    return min(count, data.limit or count)
+
+
+def collect(
+    variants: Sequence[Variant],
+    data: SuiteData,
+    out: Path,
+    load: Callable[[str], tuple[Engine, str]],
+    progress: Progress,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, dict[str, dict[str, object]]]:
+    """figures[variant label][suite], each run once and cached under `out/cache/`."""
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    engines: dict[str, tuple[Engine, str]] = {}
+    results: dict[str, dict[str, dict[str, object]]] = {}
+    for variant in variants:
+        results[variant.label] = {}
+        for suite in suites_for(variant, data):
+            if variant.model not in engines:
+                engines = {variant.model: load(variant.model)}  # one model in memory at a time
+            engine, signature = engines[variant.model]
+            key = cache_key(suite, signature, variant, data)
+            stored = cache / f"{suite}-{key}.json"
+            if stored.is_file():
+                results[variant.label][suite] = json.loads(stored.read_text())
+                log(f"{variant.label}: {suite} from the cache ({stored.name})")
+                continue
+            start = time.perf_counter()
+            advance = progress(f"{variant.label}: {suite}", suite_size(suite, variant, data))
+            result = run_suite(suite, engine, variant, data, advance)
+            seconds = time.perf_counter() - start
+            figures = {
+                **result.figures,
+                "model": variant.model,
+                "model_signature": signature,
+                "adapter": variant.adapter,
+                "adapter_signature": adapter_signature(variant.adapter),
+                "data_sha256": [sha256_file(p) for p in _data_files(suite, data)],
+                "seconds": round(seconds, 1),
+                "examples_per_s": round(len(result.rows) / seconds, 3),
+                "predictions": f"cache/{suite}-{key}.jsonl",
+            }
+            write_jsonl_atomic(cache / f"{suite}-{key}.jsonl", result.rows)
+            write_json_atomic(stored, figures)
+            results[variant.label][suite] = figures
+    return results
+
+
+# --- the page -------------------------------------------------------------------------------
+
+# suite -> (chart title, [(figure key, bar label)])
+HEADLINES: Mapping[str, tuple[str, list[tuple[str, str]]]] = {
+    "ifeval": (
+        "IFEval accuracy (higher is better)",
+        [
+            ("prompt_level_strict", "prompt strict"),
+            ("instruction_level_strict", "instruction strict"),
+            ("prompt_level_loose", "prompt loose"),
+            ("instruction_level_loose", "instruction loose"),
+        ],
+    ),
+    "advbench": ("AdvBench violation rate (lower is better)", [("violation_rate", "violation")]),
+    "harmbench": ("HarmBench violation rate (lower is better)", [("violation_rate", "violation")]),
+    "xstest": (
+        "XSTest refusals (safe prompts: lower is better; unsafe: higher)",
+        [("over_refusal_rate", "safe prompts refused"), ("unsafe_refusal_rate", "unsafe refused")],
+    ),
+    "aeslc": (
+        "AESLC e-mail summaries, graded",
+        [("good", "good"), ("neutral", "neutral"), ("poor", "poor")],
+    ),
+    "dialogsum": (
+        "DialogSum summaries, graded",
+        [("good", "good"), ("neutral", "neutral"), ("poor", "poor")],
+    ),
+    "samsum": (
+        "SAMSum message summaries, graded",
+        [("good", "good"), ("neutral", "neutral"), ("poor", "poor")],
+    ),
+    "injection": ("Prompt injections resisted (higher is better)", [("resisted_rate", "resisted")]),
+}
+
+
+def headline(figures: Mapping[str, object], key: str) -> tuple[float, float, float] | None:
+    """(value, low, high) of a headline figure, or None where the suite does not report it."""
+    if "grades" in figures and key in ("good", "neutral", "poor"):
+        part = figures["grades"][key]  # type: ignore[index]
+        return part["rate"], part["ci"][0], part["ci"][1]
+    if key not in figures:
+        return None
+    low, high = figures[f"{key}_ci"]  # type: ignore[misc]
+    return float(figures[key]), float(low), float(high)  # type: ignore[arg-type]
+
+
+def chart(
+    suite: str, results: Mapping[str, Mapping[str, Mapping[str, object]]], path: Path
+) -> bool:
+    """Grouped bars with 95% whiskers, one group per headline figure, one bar per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title, keys = HEADLINES[suite]
+    labels = [v for v in results if suite in results[v]]
+    if not labels:
+        return False
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(keys) + 2), 3.8))
+    for i, label in enumerate(labels):
+        points = [headline(results[label][suite], k) for k, _ in keys]
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(keys))]
+        values = [p[0] if p else 0.0 for p in points]
+        errors = [
+            [p[0] - p[1] if p else 0 for p in points],
+            [p[2] - p[0] if p else 0 for p in points],
+        ]
+        ax.bar(xs, values, width, yerr=errors, capsize=3, label=label)
+    ax.set_xticks(range(len(keys)), [name for _, name in keys])
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _cell(figures: Mapping[str, object] | None, key: str) -> str:
+    point = None if figures is None else headline(figures, key)
+    if point is None:
+        return "—"
+    value, low, high = point
+    return f"{100 * value:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+
+
+def write_report(
+    results: Mapping[str, Mapping[str, Mapping[str, object]]], out: Path, command: str
+) -> Path:
+    """`out/report.md` and one PNG per suite."""
+    lines = [
+        "# OpenAFM evaluation report",
+        "",
+        f"Made by `{command}`. Every figure is a percentage with its 95% bootstrap interval;"
+        " per-example answers are in `cache/*.jsonl`.",
+        "",
+    ]
+    for suite, (title, keys) in HEADLINES.items():
+        if not any(suite in r for r in results.values()):
+            continue
+        lines += [f"## {title}", ""]
+        if chart(suite, results, out / f"{suite}.png"):
+            lines += [f"![{title}]({suite}.png)", ""]
+        lines.append("| variant | " + " | ".join(name for _, name in keys) + " | n | examples/s |")
+        lines.append("|---" * (len(keys) + 3) + "|")
+        for label, suites in results.items():
+            figures = suites.get(suite)
+            if figures is None:
+                continue
+            n = figures.get("n", figures.get("n_prompts", "—"))
+            cells = " | ".join(_cell(figures, k) for k, _ in keys)
+            lines.append(f"| {label} | {cells} | {n} | {figures.get('examples_per_s', '—')} |")
+        lines.append("")
+    page = out / "report.md"
+    page.write_text("\n".join(lines))
+    return page

@@ -1,0 +1,50 @@
+"""Many prompts through the engine in batches of similar length, answers in input order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from openafm.runtime.engine import Completion, Engine
+from openafm.runtime.sampling import SamplingParams
+
+
+def generate_in_batches(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    adapter: str | None = None,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Completion]:
+    """Completions of `prompts`, generated `batch_size` at a time, shortest prompts first (less
+    padding per batch); `on_batch(n)` after each batch of n."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Completion | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        done = engine.generate([prompts[i] for i in batch], params, adapters=adapter)
+        for i, completion in zip(batch, done, strict=True):
+            out[i] = completion
+        if on_batch is not None:
+            on_batch(len(batch))
+    return [c for c in out if c is not None]
+
+
+def greedy_chat_responses(
+    engine: Engine,
+    prompts: Sequence[str],
+    *,
+    max_tokens: int,
+    adapter: str | None = None,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[str], dict[str, object]]:
+    """Greedy answers to single-turn chat prompts, and the decoding settings used."""
+    ids = [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    done = generate_in_batches(
+        engine, ids, params, adapter=adapter, batch_size=batch_size, on_batch=on_batch
+    )
+    decoding = {"temperature": 0.0, "max_tokens": max_tokens, "chat_template": True}
+    return [c.text for c in done], decoding
