@@ -456,3 +456,20 @@ def test_report_runs_every_suite_once_then_reads_the_cache(tiny_long_dir, tmp_pa
         app, ["eval", "report", "--model", str(tiny_long_dir), "--out", str(out)]
     )
     assert nothing.exit_code == 1 and "no suite has data" in nothing.output
+
+
+def test_a_stratified_sample_takes_a_third_from_each_length_tercile():
+    from openafm.eval.grades import length_buckets
+    from openafm.eval.report import stratified_sample
+    from openafm.features import get_feature
+
+    feature = get_feature("summarize-messages")
+    records = [{"dialogue": "word " * n, "summary": "s"} for n in range(1, 91)]
+    sample = stratified_sample(records, feature, 30, seed=1)
+    lengths = [len(r["dialogue"].split()) for r in sample]
+    assert len(sample) == 30 and lengths == sorted(lengths)  # input order kept
+    buckets = length_buckets(list(range(1, 91)))
+    picked = [buckets[n - 1] for n in lengths]
+    assert [picked.count(b) for b in ("short", "medium", "long")] == [10, 10, 10]
+    assert stratified_sample(records, feature, 30, seed=1) == sample
+    assert stratified_sample(records[:5], feature, 30) == records[:5]

@@ -298,9 +298,18 @@ def report_cmd(
     limit: Annotated[
         int | None, typer.Option(min=1, help="Examples per suite (default: all).")
     ] = None,
+    summary_sample: Annotated[
+        int | None,
+        typer.Option(
+            min=3, help="Summaries: a length-stratified sample of N records (default: all)."
+        ),
+    ] = None,
     ifeval_max_tokens: Annotated[
         int, typer.Option(min=1, help="New tokens per IFEval response.")
     ] = ifeval.MAX_NEW_TOKENS,
+    safety_max_tokens: Annotated[
+        int, typer.Option(min=1, help="New tokens per safety response.")
+    ] = 256,
     injection_cases: Annotated[
         int, typer.Option(min=1, help="Injection cases per summarization feature.")
     ] = 120,
@@ -322,7 +331,9 @@ def report_cmd(
             dialogsum=dialogsum,
             samsum=samsum,
             limit=limit,
+            summary_sample=summary_sample,
             ifeval_max_tokens=ifeval_max_tokens,
+            safety_max_tokens=safety_max_tokens,
             injection_per_feature=injection_cases,
             batch_size=batch_size,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from openafm import __version__
 from openafm.eval import ifeval, injection, safety
+from openafm.eval.grades import length_buckets
 from openafm.eval.ifeval import MAX_NEW_TOKENS as IFEVAL_MAX_NEW_TOKENS
 from openafm.eval.records import adapter_signature
 from openafm.eval.suites import (
@@ -31,6 +33,16 @@ from openafm.files import read_records, sha256_file, write_json_atomic, write_js
 from openafm.runtime import Engine
 from openafm.runtime.batches import greedy_chat_responses
 
+SUITE_ORDER = (
+    "aeslc",
+    "dialogsum",
+    "samsum",
+    "injection",
+    "xstest",
+    "harmbench",
+    "advbench",
+    "ifeval",
+)
 SUMMARY_SETS = {
     "aeslc": "summarize-email",
     "dialogsum": "summarize-dialogue",
@@ -67,7 +79,8 @@ class SuiteData:
     aeslc: Path | None = None
     dialogsum: Path | None = None
     samsum: Path | None = None
-    limit: int | None = None  # examples per suite (None: all)
+    limit: int | None = None  # the first examples of each suite (None: all)...
+    summary_sample: int | None = None  # ...except summaries: a length-stratified sample
     ifeval_max_tokens: int = IFEVAL_MAX_NEW_TOKENS
     safety_max_tokens: int = 256
     injection_per_feature: int = 120
@@ -78,16 +91,16 @@ Progress = Callable[[str, int], Callable[[int], None]]  # (title, total) -> adva
 
 
 def suites_for(variant: Variant, data: SuiteData) -> list[str]:
-    """The suites a variant runs: all for a base; for an adapter, the general suites and its
-    own feature's summaries and injections."""
-    names = [n for n in ("ifeval", "advbench", "harmbench", "xstest") if getattr(data, n)]
+    """The suites a variant runs, the quickest first: for a base all; for an adapter its own
+    feature's summaries and injections, then the general suites."""
+    names = []
     for set_name, feature in SUMMARY_SETS.items():
         if getattr(data, set_name) and variant.feature in (None, feature):
             names.append(set_name)
     injectable = (None, "summarize-email", "summarize-dialogue")
     if data.aeslc and data.dialogsum and variant.feature in injectable:
         names.append("injection")
-    return names
+    return names + [n for n in SUITE_ORDER[4:] if getattr(data, n)]
 
 
 def _data_files(suite: str, data: SuiteData) -> list[Path]:
@@ -101,6 +114,8 @@ def _settings(suite: str, data: SuiteData) -> dict[str, object]:
     if suite == "injection":
         return {"per_feature": data.injection_per_feature, "batch_size": data.batch_size}
     settings: dict[str, object] = {"limit": data.limit, "batch_size": data.batch_size}
+    if suite in SUMMARY_SETS:
+        settings["summary_sample"] = data.summary_sample
     if suite == "ifeval":
         settings["max_tokens"] = data.ifeval_max_tokens
     elif suite in safety.KINDS:
@@ -119,6 +134,22 @@ def cache_key(suite: str, model_signature: str, variant: Variant, data: SuiteDat
         "openafm": __version__,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def stratified_sample(
+    records: Sequence[dict[str, object]], feature: SummaryFeature, size: int, seed: int = 0
+) -> list[dict[str, object]]:
+    """`size` records, a third from each tercile of input length (seeded; in input order)."""
+    if size >= len(records):
+        return list(records)
+    buckets = length_buckets([len(feature.input_of(r).split()) for r in records])
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for i, name in enumerate(("short", "medium", "long")):
+        members = [j for j, b in enumerate(buckets) if b == name]
+        share = size // 3 + (1 if i < size % 3 else 0)
+        chosen += rng.sample(members, min(share, len(members)))
+    return [records[j] for j in sorted(chosen)]
 
 
 def _records(path: Path, limit: int | None) -> list[dict[str, object]]:
@@ -148,6 +179,8 @@ def run_suite(
     if suite in SUMMARY_SETS:
         feature = FEATURES[SUMMARY_SETS[suite]]
         records = _records(getattr(data, suite), data.limit)
+        if data.summary_sample is not None:
+            records = stratified_sample(records, feature, data.summary_sample)
         return score_summaries(feature, records, replies(engine, feature, records, **batch))
     if suite == "injection":
         return run_injection(engine, variant, data, advance)
@@ -183,11 +216,11 @@ def suite_size(suite: str, variant: Variant, data: SuiteData) -> int:
     if suite == "injection":
         features = 2 if variant.feature is None else 1
         return features * data.injection_per_feature
-    if suite == "ifeval":
-        count = sum(1 for _ in read_records(data.ifeval))  # type: ignore[arg-type]
-    else:
-        count = sum(1 for _ in read_records(getattr(data, suite)))
-    return min(count, data.limit or count)
+    count = sum(1 for _ in read_records(getattr(data, suite)))
+    count = min(count, data.limit or count)
+    if suite in SUMMARY_SETS and data.summary_sample is not None:
+        count = min(count, data.summary_sample)
+    return count
 
 
 def collect(
@@ -198,16 +231,18 @@ def collect(
     progress: Progress,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, dict[str, dict[str, object]]]:
-    """figures[variant label][suite], each run once and cached under `out/cache/`."""
+    """figures[variant label][suite], each run once and cached under `out/cache/`; suite by
+    suite (the quickest first) across the variants, so a stopped run has its quick suites."""
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     engines: dict[str, tuple[Engine, str]] = {}
-    results: dict[str, dict[str, dict[str, object]]] = {}
-    for variant in variants:
-        results[variant.label] = {}
-        for suite in suites_for(variant, data):
+    results: dict[str, dict[str, dict[str, object]]] = {v.label: {} for v in variants}
+    order = list(dict.fromkeys(s for v in variants for s in suites_for(v, data)))
+    order.sort(key=lambda s: SUITE_ORDER.index(s))
+    for suite in order:
+        for variant in (v for v in variants if suite in suites_for(v, data)):
             if variant.model not in engines:
-                engines = {variant.model: load(variant.model)}  # one model in memory at a time
+                engines[variant.model] = load(variant.model)
             engine, signature = engines[variant.model]
             key = cache_key(suite, signature, variant, data)
             stored = cache / f"{suite}-{key}.json"
@@ -226,6 +261,7 @@ def collect(
                 "adapter": variant.adapter,
                 "adapter_signature": adapter_signature(variant.adapter),
                 "data_sha256": [sha256_file(p) for p in _data_files(suite, data)],
+                "settings": _settings(suite, data),
                 "seconds": round(seconds, 1),
                 "examples_per_s": round(len(result.rows) / seconds, 3),
                 "predictions": f"cache/{suite}-{key}.jsonl",
@@ -233,6 +269,7 @@ def collect(
             write_jsonl_atomic(cache / f"{suite}-{key}.jsonl", result.rows)
             write_json_atomic(stored, figures)
             results[variant.label][suite] = figures
+            log(f"{variant.label}: {suite} done in {seconds:.0f} s")
     return results
 
 
