@@ -261,6 +261,8 @@ def test_ifeval_command_scores_responses_writes_predictions_and_rescores_them(tm
     assert json.loads(again.stdout)["prompt_level_strict"] == result["prompt_level_strict"]
     missing = runner.invoke(app, ["eval", "ifeval", "--data", str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 1 and "error" in missing.output
+    unknown = runner.invoke(app, [*args, "--adapter", "no-such-adapter"])
+    assert unknown.exit_code == 1 and "unknown adapter 'no-such-adapter'" in unknown.output
 
 
 @pytest.mark.slow
@@ -452,6 +454,9 @@ def test_report_runs_every_suite_once_then_reads_the_cache(tiny_long_dir, tmp_pa
     assert sorted(p.name for p in (out / "cache").glob("*.json")) == cached
     changed = CliRunner().invoke(app, [*args[:-6], "--limit", "2", *args[-4:]])
     assert changed.exit_code == 0 and changed.output.count("from the cache") == 1  # injection
+    page_only = CliRunner().invoke(app, [*args[:-6], "--limit", "1", *args[-4:], "--cached-only"])
+    assert page_only.exit_code == 0 and page_only.output.count("left out") == 4
+    assert page_only.output.count("from the cache") == 1 and (out / "report.md").is_file()
     nothing = CliRunner().invoke(
         app, ["eval", "report", "--model", str(tiny_long_dir), "--out", str(out)]
     )

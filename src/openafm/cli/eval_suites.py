@@ -24,7 +24,8 @@ from openafm.cli.common import (
 )
 from openafm.eval import ifeval, safety
 from openafm.eval.records import adapter_signature, provenance, responses_by_prompt
-from openafm.eval.report import SuiteData, Variant, collect, run_injection, suites_for, write_report
+from openafm.eval.report import SuiteData, Variant, collect, run_injection, suites_for
+from openafm.eval.report_page import write_report
 from openafm.eval.suites import SuiteResult, score_ifeval, score_safety
 from openafm.files import sha256_file, write_jsonl_atomic
 from openafm.runtime import Engine, engine_for
@@ -72,6 +73,7 @@ def _answers(
     prompts: list[str], model: str | None, adapter: str | None, max_tokens: int, batch_size: int
 ) -> tuple[list[str], dict[str, object]]:
     """Greedy chat answers from the model, and the run's settings and speed."""
+    adapter_signature(adapter)  # an unknown adapter fails before the model loads
     engine, signature = load_engine(model)
     start = time.perf_counter()
     with progress_bar(f"generating ({adapter or 'no adapter'})", len(prompts)) as advance:
@@ -314,6 +316,9 @@ def report_cmd(
         int, typer.Option(min=1, help="Injection cases per summarization feature.")
     ] = 120,
     batch_size: BatchOption = 8,
+    cached_only: Annotated[
+        bool, typer.Option(help="Only write the page from what the cache holds; run nothing.")
+    ] = False,
     kernel: KernelOption = None,
 ) -> None:
     """Run every suite whose data is given for each variant (the model, the model with each
@@ -347,6 +352,14 @@ def report_cmd(
             return stack.enter_context(progress_bar(title, total))
 
         with stack:
-            results = collect(variants, data, out, load_engine, progress, log=err_console.print)
+            results = collect(
+                variants,
+                data,
+                out,
+                load_engine,
+                progress,
+                log=err_console.print,
+                run_missing=not cached_only,
+            )
         page = write_report(results, out, command_line())
         print(page)

@@ -64,9 +64,7 @@ def info(
         with err_console.status("loading model…", spinner="dots"):
             pretrained = load_named(model)
         m, ck = pretrained.model, pretrained.checkpoint
-        tensors = dict(m.named_parameters())
-        params = sum(p.numel() for p in tensors.values())
-        memory = sum(p.nbytes for p in tensors.values()) + sum(b.nbytes for b in m.buffers())
+        memory = sum(p.nbytes for p in m.parameters()) + sum(b.nbytes for b in m.buffers())
         types: dict[str, int] = {}
         for t in ck.tensor_types.values():
             types[t] = types.get(t, 0) + 1
@@ -74,7 +72,7 @@ def info(
             "path": str(pretrained.path),
             "format": ck.format,
             "config": ck.config.to_dict(),
-            "parameters": params,
+            "parameters": ck.config.num_params(),  # a compressed weight is packed, not a Parameter
             "parameters_without_embedding": ck.config.num_params(embeddings=False),
             "bytes_on_disk": _disk_bytes(pretrained.path),
             "bytes_in_memory": memory,
