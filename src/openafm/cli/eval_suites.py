@@ -361,5 +361,6 @@ def report_cmd(
                 log=err_console.print,
                 run_missing=not cached_only,
             )
-        page = write_report(results, out, command_line())
+        # the page names the command that makes its results (run with it, the cache is read)
+        page = write_report(results, out, command_line().replace(" --cached-only", ""))
         print(page)
