@@ -23,7 +23,7 @@ from openafm.cli.common import (
     print_json,
     user_errors,
 )
-from openafm.cli.eval_suites import DEFAULT_MODEL, load_engine, progress_bar, provenance_of
+from openafm.cli.eval_suites import load_engine, progress_bar, provenance_of, run_record
 from openafm.eval.suites import score_summaries
 from openafm.features import feature_for, get_feature
 from openafm.features.summarize import replies
@@ -109,15 +109,9 @@ def summarize_cmd(
                 batch_size=batch_size,
                 on_batch=advance,
             )
-        seconds = time.perf_counter() - start
+        decoding = {"temperature": 0.0, "max_tokens": task.max_tokens, "shots": shots}
+        run = run_record(model, signature, decoding, start, len(records))
         result = score_summaries(task, records, texts)
-        run = {
-            "model": model or DEFAULT_MODEL,
-            "model_signature": signature,
-            "decoding": {"temperature": 0.0, "max_tokens": task.max_tokens, "shots": shots},
-            "seconds": round(seconds, 1),
-            "examples_per_s": round(len(records) / seconds, 3),
-        }
         report = {**result.figures, "adapter": adapter, "shots": shots}
         report |= provenance_of(data, adapter, run)
         if predictions is not None:

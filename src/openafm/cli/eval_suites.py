@@ -27,7 +27,7 @@ from openafm.eval.records import adapter_signature, provenance, responses_by_pro
 from openafm.eval.report import SuiteData, Variant, collect, run_injection, suites_for
 from openafm.eval.report_page import write_report
 from openafm.eval.suites import SuiteResult, score_ifeval, score_safety
-from openafm.files import sha256_file, write_jsonl_atomic
+from openafm.files import write_jsonl_atomic
 from openafm.runtime import Engine, engine_for
 from openafm.runtime.batches import greedy_chat_responses
 
@@ -85,18 +85,41 @@ def _answers(
             batch_size=batch_size,
             on_batch=advance,
         )
+    decoding = {**decoding, "batch_size": batch_size}
+    return texts, run_record(model, signature, decoding, start, len(prompts))
+
+
+def run_record(
+    model: str | None, signature: str, decoding: dict[str, object], start: float, examples: int
+) -> dict[str, object]:
+    """Which model generated, how, and how fast (since `start`, a `perf_counter` time)."""
     seconds = time.perf_counter() - start
-    run = {
+    return {
         "model": model or DEFAULT_MODEL,
         "model_signature": signature,
-        "decoding": {**decoding, "batch_size": batch_size},
+        "decoding": decoding,
         "seconds": round(seconds, 1),
-        "examples_per_s": round(len(prompts) / seconds, 3),
+        "examples_per_s": round(examples / seconds, 3),
     }
-    return texts, run
 
 
-def provenance_of(data: Path, adapter: str | None, run: dict[str, object]) -> dict[str, object]:
+def _given_or_answers(
+    responses: Path | None,
+    asked: list[str],
+    model: str | None,
+    adapter: str | None,
+    max_tokens: int,
+    batch_size: int,
+) -> tuple[list[str], dict[str, object]]:
+    """The responses of a file to re-score, or the model's answers; and the run's record."""
+    if responses is not None:
+        return responses_by_prompt(responses, asked), {"responses": str(responses), "model": None}
+    return _answers(asked, model, adapter, max_tokens, batch_size)
+
+
+def provenance_of(
+    data: Path | list[Path], adapter: str | None, run: dict[str, object]
+) -> dict[str, object]:
     """`run` with the command, the adapter's signature and the data's checksum."""
     record = provenance(
         command=command_line(),
@@ -147,12 +170,8 @@ def ifeval_cmd(
     choose_kernel(kernel)
     with user_errors():
         prompts = ifeval.read_prompts(data)[:limit]
-        if responses is not None:
-            texts = ifeval.read_responses(responses, prompts)
-            run: dict[str, object] = {"responses": str(responses), "model": None}
-        else:
-            asked = [p.prompt for p in prompts]
-            texts, run = _answers(asked, model, adapter, max_tokens, batch_size)
+        asked = [p.prompt for p in prompts]
+        texts, run = _given_or_answers(responses, asked, model, adapter, max_tokens, batch_size)
         result = score_ifeval(prompts, texts)
         result.figures |= provenance_of(data, adapter, run)
         if _finish(result, predictions, json_output):
@@ -193,11 +212,7 @@ def safety_cmd(
     with user_errors():
         prompts = safety.read_safety_prompts(data, kind)[:limit]
         asked = [p.prompt for p in prompts]
-        if responses is not None:
-            texts = responses_by_prompt(responses, asked)
-            run: dict[str, object] = {"responses": str(responses), "model": None}
-        else:
-            texts, run = _answers(asked, model, adapter, max_tokens, batch_size)
+        texts, run = _given_or_answers(responses, asked, model, adapter, max_tokens, batch_size)
         result = score_safety(kind, prompts, texts)
         result.figures |= provenance_of(data, adapter, run)
         if _finish(result, predictions, json_output):
@@ -249,17 +264,9 @@ def injection_cmd(
         total = per_feature * (2 if adapter is None else 1)
         with progress_bar(f"injections ({adapter or 'prompted base'})", total) as advance:
             result = run_injection(engine, variant, data, advance)
-        seconds = time.perf_counter() - start
-        result.figures |= {
-            "model": variant.model,
-            "model_signature": signature,
-            "adapter": adapter,
-            "adapter_signature": adapter_signature(adapter),
-            "data_sha256": [sha256_file(emails), sha256_file(dialogues)],
-            "command": command_line(),
-            "seconds": round(seconds, 1),
-            "examples_per_s": round(len(result.rows) / seconds, 3),
-        }
+        decoding = {"temperature": 0.0, "per_feature": per_feature, "batch_size": batch_size}
+        run = run_record(model, signature, decoding, start, len(result.rows))
+        result.figures |= provenance_of([emails, dialogues], adapter, run)
         if _finish(result, predictions, json_output):
             return
         _print_rates(result.figures, ["resisted_rate"])

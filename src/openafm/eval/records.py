@@ -23,18 +23,19 @@ def provenance(
     model: str,
     model_signature: str | None,
     adapter: str | None,
-    data: Path,
+    data: Path | Sequence[Path],
     decoding: dict[str, object] | None,
 ) -> dict[str, object]:
-    """The record that travels with every evaluation result."""
+    """The record that travels with every evaluation result (several data files: lists)."""
+    several = not isinstance(data, Path)
     return {
         "command": command,
         "model": model,
         "model_signature": model_signature,
         "adapter": adapter,
         "adapter_signature": adapter_signature(adapter),
-        "data": str(data),
-        "data_sha256": sha256_file(data),
+        "data": [str(p) for p in data] if several else str(data),
+        "data_sha256": [sha256_file(p) for p in data] if several else sha256_file(data),
         "decoding": decoding,
     }
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,14 +123,27 @@ def _settings(suite: str, data: SuiteData) -> dict[str, object]:
     return settings
 
 
-def cache_key(suite: str, model_signature: str, variant: Variant, data: SuiteData) -> str:
-    settings = _settings(suite, data)
+def identity(
+    suite: str, model_signature: str, variant: Variant, data: SuiteData
+) -> dict[str, object]:
+    """What a suite's result depends on: model, adapter, data checksums and settings."""
+    return {
+        "model": variant.model,
+        "model_signature": model_signature,
+        "adapter": variant.adapter,
+        "adapter_signature": adapter_signature(variant.adapter),
+        "data_sha256": [sha256_file(p) for p in _data_files(suite, data)],
+        "settings": _settings(suite, data),
+    }
+
+
+def cache_key(suite: str, ident: Mapping[str, object]) -> str:
     material = {
         "suite": suite,
-        "model_signature": model_signature,
-        "adapter_signature": adapter_signature(variant.adapter),
-        "data": [sha256_file(p) for p in _data_files(suite, data)],
-        "settings": settings,
+        "model_signature": ident["model_signature"],
+        "adapter_signature": ident["adapter_signature"],
+        "data": ident["data_sha256"],
+        "settings": ident["settings"],
         "openafm": __version__,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
@@ -246,7 +259,8 @@ def collect(
             if variant.model not in engines:
                 engines[variant.model] = load(variant.model)
             engine, signature = engines[variant.model]
-            key = cache_key(suite, signature, variant, data)
+            ident = identity(suite, signature, variant, data)
+            key = cache_key(suite, ident)
             stored = cache / f"{suite}-{key}.json"
             if stored.is_file():
                 results[variant.label][suite] = json.loads(stored.read_text())
@@ -261,12 +275,7 @@ def collect(
             seconds = time.perf_counter() - start
             figures = {
                 **result.figures,
-                "model": variant.model,
-                "model_signature": signature,
-                "adapter": variant.adapter,
-                "adapter_signature": adapter_signature(variant.adapter),
-                "data_sha256": [sha256_file(p) for p in _data_files(suite, data)],
-                "settings": _settings(suite, data),
+                **ident,
                 "seconds": round(seconds, 1),
                 "examples_per_s": round(len(result.rows) / seconds, 3),
                 "predictions": f"cache/{suite}-{key}.jsonl",
