@@ -154,6 +154,33 @@ def test_gpt4_responses_score_near_the_papers_published_figures():
     assert len(per) == 25
 
 
+def test_cap_bounds_hold_the_score_of_the_answers_the_cap_cut_short():
+    """GPT-4's answers cut at 600 characters stand in for capped answers; the full answers are
+    what an unlimited budget gives. Their score must lie inside the bounds of the cut set."""
+    prompts = ifeval.read_prompts(PROMPTS)[:150]
+    answered = {json.loads(line)["prompt"] for line in GPT4.read_text().splitlines()}
+    prompts = [p for p in prompts if p.prompt in answered]
+    full = ifeval.read_responses(GPT4, prompts)
+    cut = [len(r) > 600 for r in full]
+    assert 10 < sum(cut) < len(cut)
+    capped = [r[:600] for r in full]
+
+    def verdicts(answers: list[str]) -> list[ifeval.Verdict]:
+        return [ifeval.score(p, r) for p, r in zip(prompts, answers, strict=True)]
+
+    bounds = ifeval.cap_bounds(verdicts(capped), cut)
+    unlimited = ifeval.report(prompts, verdicts(full))
+    assert bounds["n_cut_at_cap"] == sum(cut)
+    for level in ("prompt", "instruction"):
+        for mode in ("strict", "loose"):
+            low, high = bounds[f"{level}_level_{mode}_bounds"]
+            assert low <= round(unlimited[f"{level}_level_{mode}"], 4) <= high
+            assert high - low > 0.05
+    nothing_cut = ifeval.cap_bounds(verdicts(full), [False] * len(full))
+    low, high = nothing_cut["prompt_level_strict_bounds"]
+    assert low == high == round(unlimited["prompt_level_strict"], 4)
+
+
 def test_bad_ifeval_files_are_refused_with_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
@@ -447,6 +474,13 @@ def test_report_runs_every_suite_once_then_reads_the_cache(tiny_long_dir, tmp_pa
         assert (out / f"{chart}.png").read_bytes()[:4] == b"\x89PNG"
     cached = sorted(p.name for p in (out / "cache").glob("*.json"))
     assert len(cached) == 5
+    ifeval_run = next((out / "cache").glob("ifeval-*.json"))
+    figures = json.loads(ifeval_run.read_text())
+    ifeval_rows = [json.loads(r) for r in ifeval_run.with_suffix(".jsonl").read_text().splitlines()]
+    assert figures["n_cut_at_cap"] == sum(r["cut_at_cap"] for r in ifeval_rows) > 0
+    low, high = figures["prompt_level_strict_bounds"]
+    assert low <= figures["prompt_level_strict"] <= high
+    assert "answers cut by the cap" in page and f"| 8 | {figures['n_cut_at_cap']} of 3 |" in page
     rows = (out / "cache" / cached[0].replace(".json", ".jsonl")).read_text().splitlines()
     assert 2 <= len(rows) <= 4 and "response" in json.loads(rows[0])
     again = CliRunner().invoke(app, args)

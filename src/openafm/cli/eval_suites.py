@@ -71,13 +71,14 @@ def progress_bar(title: str, total: int) -> Iterator[Callable[[int], None]]:
 
 def _answers(
     prompts: list[str], model: str | None, adapter: str | None, max_tokens: int, batch_size: int
-) -> tuple[list[str], dict[str, object]]:
-    """Greedy chat answers from the model, and the run's settings and speed."""
+) -> tuple[list[str], list[bool], dict[str, object]]:
+    """Greedy chat answers from the model, which of them the token cap cut, and the run's
+    settings and speed."""
     adapter_signature(adapter)  # an unknown adapter fails before the model loads
     engine, signature = load_engine(model)
     start = time.perf_counter()
     with progress_bar(f"generating ({adapter or 'no adapter'})", len(prompts)) as advance:
-        texts, decoding = greedy_chat_responses(
+        done, decoding = greedy_chat_responses(
             engine,
             prompts,
             max_tokens=max_tokens,
@@ -86,7 +87,8 @@ def _answers(
             on_batch=advance,
         )
     decoding = {**decoding, "batch_size": batch_size}
-    return texts, run_record(model, signature, decoding, start, len(prompts))
+    run = run_record(model, signature, decoding, start, len(prompts))
+    return [c.text for c in done], [c.finish_reason == "length" for c in done], run
 
 
 def run_record(
@@ -110,10 +112,12 @@ def _given_or_answers(
     adapter: str | None,
     max_tokens: int,
     batch_size: int,
-) -> tuple[list[str], dict[str, object]]:
-    """The responses of a file to re-score, or the model's answers; and the run's record."""
+) -> tuple[list[str], list[bool] | None, dict[str, object]]:
+    """The responses of a file to re-score, or the model's answers; which answers the cap cut
+    (None for a file); and the run's record."""
     if responses is not None:
-        return responses_by_prompt(responses, asked), {"responses": str(responses), "model": None}
+        given = responses_by_prompt(responses, asked)
+        return given, None, {"responses": str(responses), "model": None}
     return _answers(asked, model, adapter, max_tokens, batch_size)
 
 
@@ -171,8 +175,10 @@ def ifeval_cmd(
     with user_errors():
         prompts = ifeval.read_prompts(data)[:limit]
         asked = [p.prompt for p in prompts]
-        texts, run = _given_or_answers(responses, asked, model, adapter, max_tokens, batch_size)
-        result = score_ifeval(prompts, texts)
+        texts, cut, run = _given_or_answers(
+            responses, asked, model, adapter, max_tokens, batch_size
+        )
+        result = score_ifeval(prompts, texts, cut)
         result.figures |= provenance_of(data, adapter, run)
         if _finish(result, predictions, json_output):
             return
@@ -186,6 +192,12 @@ def ifeval_cmd(
             f" prompt and instruction level: strict {100 * figures['average_strict']:.1f},"  # type: ignore[operator]
             f" loose {100 * figures['average_loose']:.1f}"  # type: ignore[operator]
         )
+        if figures.get("n_cut_at_cap"):
+            low, high = figures["prompt_level_strict_bounds"]  # type: ignore[misc]
+            print(
+                f"{figures['n_cut_at_cap']} answers reached the {max_tokens}-token cap; with no"
+                f" cap, prompt-level strict would lie in {100 * low:.1f}-{100 * high:.1f}"
+            )
 
 
 def safety_cmd(
@@ -212,7 +224,7 @@ def safety_cmd(
     with user_errors():
         prompts = safety.read_safety_prompts(data, kind)[:limit]
         asked = [p.prompt for p in prompts]
-        texts, run = _given_or_answers(responses, asked, model, adapter, max_tokens, batch_size)
+        texts, _, run = _given_or_answers(responses, asked, model, adapter, max_tokens, batch_size)
         result = score_safety(kind, prompts, texts)
         result.figures |= provenance_of(data, adapter, run)
         if _finish(result, predictions, json_output):

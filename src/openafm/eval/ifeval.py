@@ -210,6 +210,30 @@ def report(prompts: Sequence[IFEvalPrompt], verdicts: Sequence[Verdict]) -> dict
     return out
 
 
+def cap_bounds(verdicts: Sequence[Verdict], cut: Sequence[bool]) -> dict[str, object]:
+    """What a longer budget could change: greedy answers that stopped before the cap would be
+    the same, so only the `cut` ones (stopped by the cap) may flip. For each level and mode,
+    [lowest, highest] accuracy with every cut answer failing or passing all its instructions."""
+    if len(verdicts) != len(cut):
+        raise ValueError(f"{len(cut)} cap flags for {len(verdicts)} verdicts")
+    out: dict[str, object] = {"n_cut_at_cap": sum(cut)}
+    for name in ("strict", "loose"):
+        kept = [getattr(v, name) for v, c in zip(verdicts, cut, strict=True) if not c]
+        free = [len(getattr(v, name)) for v, c in zip(verdicts, cut, strict=True) if c]
+        prompts_ok = sum(all(f) for f in kept)
+        instructions_ok = sum(sum(f) for f in kept)
+        n_instructions = sum(len(getattr(v, name)) for v in verdicts)
+        out[f"prompt_level_{name}_bounds"] = [
+            round(prompts_ok / len(verdicts), 4),
+            round((prompts_ok + len(free)) / len(verdicts), 4),
+        ]
+        out[f"instruction_level_{name}_bounds"] = [
+            round(instructions_ok / n_instructions, 4),
+            round((instructions_ok + sum(free)) / n_instructions, 4),
+        ]
+    return out
+
+
 def per_instruction(
     prompts: Iterable[IFEvalPrompt], verdicts: Iterable[Verdict]
 ) -> dict[str, dict[str, float | int]]:

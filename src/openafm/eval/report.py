@@ -179,16 +179,17 @@ def run_suite(
     batch = {"adapter": variant.adapter, "batch_size": data.batch_size, "on_batch": advance}
     if suite == "ifeval":
         prompts = ifeval.read_prompts(data.ifeval)[: data.limit]  # type: ignore[arg-type]
-        texts, _ = greedy_chat_responses(
+        done, _ = greedy_chat_responses(
             engine, [p.prompt for p in prompts], max_tokens=data.ifeval_max_tokens, **batch
         )
-        return score_ifeval(prompts, texts)
+        cut = [c.finish_reason == "length" for c in done]
+        return score_ifeval(prompts, [c.text for c in done], cut)
     if suite in safety.KINDS:
         asked = safety.read_safety_prompts(getattr(data, suite), suite)[: data.limit]
-        texts, _ = greedy_chat_responses(
+        done, _ = greedy_chat_responses(
             engine, [p.prompt for p in asked], max_tokens=data.safety_max_tokens, **batch
         )
-        return score_safety(suite, asked, texts)
+        return score_safety(suite, asked, [c.text for c in done])
     if suite in SUMMARY_SETS:
         feature = FEATURES[SUMMARY_SETS[suite]]
         records = _records(getattr(data, suite), data.limit)

@@ -115,6 +115,33 @@ def _by_length(suite: str, results: Mapping[str, Mapping[str, Mapping[str, objec
     return lines
 
 
+def _ifeval_means(results: Mapping[str, Mapping[str, Mapping[str, object]]]) -> list[str]:
+    """The model card's figure (mean of the two levels) and the range a cap-free run could
+    reach: greedy answers that stopped before the cap would not change, the cut ones might."""
+    lines = [
+        "Mean of prompt and instruction level (the model card's figure), and what the token cap"
+        " may hide: with no cap, the strict mean would lie in the range shown.",
+        "",
+        "| variant | mean strict | mean loose | cap | answers cut by the cap | mean strict, no cap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, suites in results.items():
+        figures = suites.get("ifeval")
+        if figures is None:
+            continue
+        cap = figures.get("settings", {}).get("max_tokens", "—")  # type: ignore[union-attr]
+        cut, reach = "—", "—"
+        if "n_cut_at_cap" in figures:
+            cut = f"{figures['n_cut_at_cap']} of {figures['n_prompts']}"
+            prompt = figures["prompt_level_strict_bounds"]
+            instruction = figures["instruction_level_strict_bounds"]
+            low, high = ((a + b) / 2 for a, b in zip(prompt, instruction, strict=True))  # type: ignore[call-overload]
+            reach = f"{100 * low:.1f}-{100 * high:.1f}"
+        means = [f"{100 * figures[f'average_{m}']:.1f}" for m in ("strict", "loose")]  # type: ignore[operator]
+        lines.append(f"| {label} | {' | '.join(means)} | {cap} | {cut} | {reach} |")
+    return lines
+
+
 def write_report(
     results: Mapping[str, Mapping[str, Mapping[str, object]]], out: Path, command: str
 ) -> Path:
@@ -145,6 +172,8 @@ def write_report(
             lines += ["", f"Anchor: {ANCHORS[suite]}"]
         if keys is GRADED:
             lines += ["", *_by_length(suite, results)]
+        if suite == "ifeval":
+            lines += ["", *_ifeval_means(results)]
         lines.append("")
     page = out / "report.md"
     page.write_text("\n".join(lines))

@@ -23,9 +23,15 @@ class SuiteResult:
     rows: list[dict[str, object]] = field(default_factory=list)
 
 
-def score_ifeval(prompts: Sequence[ifeval.IFEvalPrompt], responses: Sequence[str]) -> SuiteResult:
+def score_ifeval(
+    prompts: Sequence[ifeval.IFEvalPrompt],
+    responses: Sequence[str],
+    cut: Sequence[bool] | None = None,
+) -> SuiteResult:
+    """IFEval figures; given which answers the token cap `cut`, also the bounds on what an
+    unlimited budget could score."""
     verdicts = [ifeval.score(p, r) for p, r in zip(prompts, responses, strict=True)]
-    rows = [
+    rows: list[dict[str, object]] = [
         {
             "key": p.key,
             "prompt": p.prompt,
@@ -36,7 +42,12 @@ def score_ifeval(prompts: Sequence[ifeval.IFEvalPrompt], responses: Sequence[str
         }
         for p, r, v in zip(prompts, responses, verdicts, strict=True)
     ]
-    return SuiteResult(ifeval.report(prompts, verdicts), rows)
+    figures = ifeval.report(prompts, verdicts)
+    if cut is not None:
+        for row, c in zip(rows, cut, strict=True):
+            row["cut_at_cap"] = c
+        figures |= ifeval.cap_bounds(verdicts, cut)
+    return SuiteResult(figures, rows)
 
 
 def score_safety(

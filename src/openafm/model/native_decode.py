@@ -83,6 +83,7 @@ def _fits(h: torch.Tensor, cache: KVCache) -> bool:
         and cache.dtype == torch.float32
         and cache.pad is None
         and cache.batch_size == 1
+        and (cache.keys is None or cache.keys.is_contiguous())  # not a slot cache's row view
         and torch.is_inference_mode_enabled()
         and not torch.jit.is_tracing()
         and not torch.is_autocast_enabled("cpu")

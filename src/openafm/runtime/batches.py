@@ -39,7 +39,7 @@ def greedy_chat_responses(
     adapter: str | None = None,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[list[str], dict[str, object]]:
+) -> tuple[list[Completion], dict[str, object]]:
     """Greedy answers to single-turn chat prompts, and the decoding settings used."""
     ids = [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -47,4 +47,4 @@ def greedy_chat_responses(
         engine, ids, params, adapter=adapter, batch_size=batch_size, on_batch=on_batch
     )
     decoding = {"temperature": 0.0, "max_tokens": max_tokens, "chat_template": True}
-    return [c.text for c in done], decoding
+    return done, decoding

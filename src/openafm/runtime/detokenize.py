@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 
 from openafm.tokenizer import Tokenizer
 
@@ -55,3 +56,43 @@ class StopMatcher:
                     hold = max(hold, k)
                     break
         return len(text) - hold
+
+
+@dataclass
+class RowText:
+    """The text of one generated answer as its tokens arrive, and why it stopped."""
+
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+
+    def append(
+        self,
+        token: int,
+        stop_ids: Collection[int],
+        stops: StopMatcher,
+        *,
+        last: bool,
+        ignore_eos: bool = False,
+    ) -> str:
+        """Add one token; return the text that became safe to show (stop strings held back)."""
+        self.token_ids.append(token)
+        if token in stop_ids and not ignore_eos:
+            self.finish_reason = "stop"
+            self.text += self.detok.flush()
+        else:
+            before = len(self.text)
+            self.text += self.detok.push(token)
+            if last:
+                self.text += self.detok.flush()
+                self.finish_reason = "length"
+            hit = stops.find(self.text, before) if stops.stops else -1
+            if hit >= 0:
+                self.text = self.text[:hit]
+                self.finish_reason = "stop"
+        end = len(self.text) if self.finish_reason else stops.safe_length(self.text)
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from openafm.model import KVCache, Linear, Transformer
 from openafm.model.compressed import is_compressed
 from openafm.runtime.adapter_cache import AdapterCache, overlaid, overlay
-from openafm.runtime.detokenize import IncrementalDetokenizer, StopMatcher
+from openafm.runtime.detokenize import IncrementalDetokenizer, RowText, StopMatcher
 from openafm.runtime.sampling import SamplingParams, sample_next
 from openafm.runtime.speculative import Drafter, DraftModel, next_draft_length, verify
 from openafm.runtime.threads import ThreadTuner
@@ -61,14 +61,9 @@ class Completion:
 
 
 @dataclass
-class _Row:
+class _Row(RowText):
     """Generation state of one prompt in the batch."""
 
-    detok: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: str | None = None
     drafted: int = 0
     accepted: int = 0
 
@@ -162,7 +157,8 @@ class Engine:
                 return done.value[0]
             yield piece
 
-    def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Refuse an empty batch, empty prompts, unknown ids and prompts over the context."""
         if not prompts:
             raise ValueError("no prompts given")
         for ids in prompts:
@@ -185,7 +181,8 @@ class Engine:
             raise ValueError("this engine was built without an adapter cache")
         return names
 
-    def _prefill_autocast(self) -> contextlib.AbstractContextManager[None]:
+    def prefill_autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Autocast to the prefill dtype when prefill runs on a twin in that dtype."""
         if self.prefill_model is self.model:
             return contextlib.nullcontext()
         return torch.autocast("cpu", dtype=self.prefill_dtype)
@@ -194,7 +191,7 @@ class Engine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, adapters: AdapterChoice
     ) -> Generator[tuple[int, str], None, list[Completion]]:
         """Load the batch's adapters (all or none), overlay them, and generate."""
-        self._check_prompts(prompts)
+        self.check_prompts(prompts)
         names = self._adapter_rows(adapters, len(prompts))
         rows = self.adapters.resolve_rows(names) if self.adapters is not None else []
         models = dict.fromkeys((self.model, self.prefill_model))
@@ -230,7 +227,7 @@ class Engine:
         rows = [_Row(IncrementalDetokenizer(self.tokenizer)) for _ in prompts]
 
         start = time.perf_counter()
-        with torch.inference_mode(), self._prefill_autocast():
+        with torch.inference_mode(), self.prefill_autocast():
             logits = self.prefill_model(tokens, cache, last_only=True)[:, -1]
         next_ids = sample_next(logits, params, generator)
         first = time.perf_counter()
@@ -261,7 +258,8 @@ class Engine:
             for r, n in zip(rows, lengths, strict=True)
         ]
 
-    def _decode_threads(self) -> contextlib.AbstractContextManager[None]:
+    def decode_threads(self) -> contextlib.AbstractContextManager[None]:
+        """The thread count the tuner picks for one decode step."""
         return self.threads.step() if self.threads is not None else contextlib.nullcontext()
 
     def _decode(
@@ -277,14 +275,18 @@ class Engine:
         """One token per row per forward, until every row stops."""
         for step in range(budget):
             if step:
-                with torch.inference_mode(), self._decode_threads():
+                with torch.inference_mode(), self.decode_threads():
                     logits = self.model(next_ids[:, None], cache, last_only=True)[:, -1]
                 next_ids = sample_next(logits, params, generator)
             for i, token in enumerate(next_ids.tolist()):
                 row = rows[i]
                 if row.finish_reason is None:
-                    piece = self._advance(
-                        row, token, stops, last=step == budget - 1, ignore_eos=params.ignore_eos
+                    piece = row.append(
+                        token,
+                        self.tokenizer.stop_ids,
+                        stops,
+                        last=step == budget - 1,
+                        ignore_eos=params.ignore_eos,
                     )
                     if piece:
                         yield i, piece
@@ -315,14 +317,15 @@ class Engine:
             # the accepted draft, then the token that follows it (the budget leaves it room)
             for token in [*accepted, pending]:
                 last = len(row.token_ids) + 1 == budget
-                piece = self._advance(row, token, stops, last=last, ignore_eos=params.ignore_eos)
+                stop_ids = self.tokenizer.stop_ids
+                piece = row.append(token, stop_ids, stops, last=last, ignore_eos=params.ignore_eos)
                 if piece:
                     yield 0, piece
                 history.append(token)
                 if row.finish_reason:
                     return
             room = min(budget - len(row.token_ids) - 1, cache.max_len - cache.length - 1)
-            with self._decode_threads():
+            with self.decode_threads():
                 proposal = drafter.draft(history, min(room, length), params, generator)
                 draft = proposal.tokens
                 with torch.inference_mode():
@@ -333,29 +336,6 @@ class Engine:
             length = next_draft_length(length, len(draft), n_accepted, self.speculation.max_draft)
             row.drafted += len(draft)
             row.accepted += n_accepted
-
-    def _advance(
-        self, row: _Row, token: int, stops: StopMatcher, *, last: bool, ignore_eos: bool
-    ) -> str:
-        """Add one token to a row; return the text that became safe to show."""
-        row.token_ids.append(token)
-        if token in self.tokenizer.stop_ids and not ignore_eos:
-            row.finish_reason = "stop"
-            row.text += row.detok.flush()
-        else:
-            before = len(row.text)
-            row.text += row.detok.push(token)
-            if last:
-                row.text += row.detok.flush()
-                row.finish_reason = "length"
-            hit = stops.find(row.text, before) if stops.stops else -1
-            if hit >= 0:
-                row.text = row.text[:hit]
-                row.finish_reason = "stop"
-        end = len(row.text) if row.finish_reason else stops.safe_length(row.text)
-        piece = row.text[row.emitted : end]
-        row.emitted = max(row.emitted, end)
-        return piece
 
 
 def _cast_copy(model: Transformer, dtype: torch.dtype) -> Transformer:
