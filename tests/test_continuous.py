@@ -134,7 +134,7 @@ def test_a_cancelled_request_frees_and_zeroes_its_row(tiny):
 
 def test_bad_prompts_and_a_full_queue_are_refused_at_submit(tiny):
     engine = Engine(tiny, byte_tokenizer(), tune_threads=False)
-    batcher = ContinuousBatcher(engine, max_batch=1, max_queue=2)
+    batcher = ContinuousBatcher(engine, max_batch=1, max_queue=1)
     params = SamplingParams(max_tokens=4)
     with pytest.raises(ContextLengthError):
         batcher.submit([1] * tiny.config.max_seq_len, params, Collector())

@@ -11,11 +11,12 @@ from openafm.cli import adapter, data, eval, export, model, train
 from openafm.cli.common import setup_logging
 from openafm.cli.compress import compress, recover
 from openafm.cli.generate import generate
+from openafm.cli.serve import serve
 from openafm.cli.tokenize import tokenize
 
 app = typer.Typer(
     name="afm",
-    help="OpenAFM: on-device foundation model tools (generate, tokenize, models, data, adapters, compression).",
+    help="OpenAFM: on-device foundation model tools (generate, serve, tokenize, models, data, adapters, compression, evaluation).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -24,6 +25,7 @@ app.command()(generate)
 app.command()(tokenize)
 app.command()(compress)
 app.command()(recover)
+app.command()(serve)
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
 app.add_typer(adapter.app, name="adapter")

@@ -118,6 +118,11 @@ class AdapterCache:
                 self._loaded.popitem(last=False)
         return serving
 
+    def evict(self, name: str) -> None:
+        """Forget a loaded adapter (batches that hold it keep their own reference)."""
+        with self._lock:
+            self._loaded.pop(name, None)
+
     def resolve_rows(self, names: Sequence[str | None]) -> list[ServingAdapter | None]:
         """Every row's adapter, all loaded before any is used (one bad name fails the batch).
 

@@ -42,7 +42,7 @@ class Request:
 
     def cancel(self) -> None:
         """Stop generating (the row is freed at the next step); the sink gets a Completion
-        with finish_reason "cancelled"."""
+        with finish_reason "cancelled" (a waiting request gets it when its turn comes)."""
         self._cancelled.set()
 
     @property
@@ -75,7 +75,8 @@ class BatcherStats:
 
 
 class ContinuousBatcher:
-    """Runs `engine`'s model over a changing batch of up to `max_batch` requests."""
+    """Runs `engine`'s model over a changing batch of up to `max_batch` requests; up to
+    `max_queue` more may wait for a row."""
 
     def __init__(
         self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, cache_len: int = 256
@@ -117,7 +118,8 @@ class ContinuousBatcher:
             raise ValueError("this engine was built without an adapter cache")
         request = Request(list(prompt), params, adapter, sink, id=next(self._ids))
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
+            free = self.cache.used.count(False)
+            if len(self._waiting) >= self.max_queue + free:
                 raise QueueFullError(f"{len(self._waiting)} requests already wait")
             self._waiting.append(request)
         self._wake.set()
@@ -131,12 +133,24 @@ class ContinuousBatcher:
     def active(self) -> int:
         return sum(r is not None for r in self.rows)
 
+    def cancel_all(self) -> None:
+        """Cancel every running and waiting request (at the next step)."""
+        with self._lock:
+            waiting = list(self._waiting)
+        for request in [*waiting, *(r.request for r in self.rows if r is not None)]:
+            request.cancel()
+        self._wake.set()
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Sleep until a request is submitted or cancelled, or `timeout` seconds pass."""
+        self._wake.wait(timeout=timeout)
+        self._wake.clear()
+
     def run(self, stop: threading.Event) -> None:
         """Step until `stop` is set, sleeping while there is nothing to do."""
         while not stop.is_set():
             if not self.step():
-                self._wake.wait(timeout=0.1)
-                self._wake.clear()
+                self.wait_for_work(timeout=0.1)
 
     # --- the model's thread ---------------------------------------------------------------
 
@@ -146,11 +160,15 @@ class ContinuousBatcher:
         for slot, row in enumerate(self.rows):
             if row is not None and row.request.cancelled:
                 self._finish(slot, "cancelled")
+        with self._lock:
+            dropped = [r for r in self._waiting if r.cancelled]
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        for request in dropped:
+            _send(request, _cancelled_before_start(request))
         while (slot := self.cache.free_slot()) is not None and self._waiting:
             with self._lock:
                 request = self._waiting.popleft()
-            if not request.cancelled:
-                self._admit(slot, request)
+            self._admit(slot, request)
         if self.active == 0:
             return bool(self._waiting)
         self._decode()
@@ -182,7 +200,7 @@ class ContinuousBatcher:
                 )[:, -1]
             first = int(sample_next(logits, request.params, generator)[0])
         except Exception as error:  # the request fails, the batch goes on
-            request.sink(error)
+            _send(request, error)
             return
         self.cache.place(slot, prompt_cache, n)
         with torch.inference_mode():  # the prompt's own copy, made in inference mode
@@ -220,7 +238,7 @@ class ContinuousBatcher:
         row.pending = token
         self.stats.tokens += 1
         if piece:
-            row.request.sink(piece)
+            _send(row.request, piece)
         if row.text.finish_reason is not None:
             self._finish(slot, row.text.finish_reason)
 
@@ -238,7 +256,8 @@ class ContinuousBatcher:
         decoded = len(text.token_ids) - 1
         since_first = now - row.first_token
         ttft = row.first_token - row.request.submitted
-        row.request.sink(
+        _send(
+            row.request,
             Completion(
                 text=text.text,
                 token_ids=list(text.token_ids),
@@ -247,7 +266,7 @@ class ContinuousBatcher:
                 ttft_ms=ttft * 1e3,
                 decode_tokens_per_s=decoded / since_first if decoded > 0 and since_first else 0.0,
                 prefill_tokens_per_s=len(row.request.prompt) / ttft if ttft > 0 else 0.0,
-            )
+            ),
         )
         text.token_ids.clear()
 
@@ -276,3 +295,23 @@ class ContinuousBatcher:
                     sample_next(logits[slot : slot + 1], row.request.params, row.generator)[0]
                 )
                 self._take(slot, token)
+
+
+def _send(request: Request, event: Event) -> None:
+    """Give a request its event; a sink that fails cancels its request, not the batch."""
+    try:
+        request.sink(event)
+    except Exception:
+        request.cancel()
+
+
+def _cancelled_before_start(request: Request) -> Completion:
+    return Completion(
+        text="",
+        token_ids=[],
+        prompt_tokens=len(request.prompt),
+        finish_reason="cancelled",
+        ttft_ms=0.0,
+        decode_tokens_per_s=0.0,
+        prefill_tokens_per_s=0.0,
+    )
