@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openafm.adapters import save_adapter
+from openafm.cli.common import load_named
 from openafm.runtime import AdapterCache, Engine, SamplingParams, load_pretrained
 from openafm.serve import ServeConfig, create_app
 from openafm.serve.worker import ModelWorker
@@ -38,7 +40,7 @@ class LiveServer:
     """A real uvicorn server on a free loopback port, in a thread of this process."""
 
     def __init__(self, config: ServeConfig, worker: ModelWorker | None = None) -> None:
-        self.app = create_app(config, worker)
+        self.app = create_app(config, worker, loader=load_named)
         self.worker: ModelWorker = self.app.state.worker
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
@@ -56,8 +58,9 @@ class LiveServer:
         return self
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{self.url}/health").status_code != 200:
+        deadline = time.monotonic() + 300
+        while (health := httpx.get(f"{self.url}/health")).status_code != 200:
+            assert health.json()["status"] == "loading", health.text
             assert time.monotonic() < deadline, "the model did not load"
             time.sleep(0.05)
 
@@ -178,6 +181,43 @@ def test_n_choices_and_seeded_sampling_are_reproducible(served, tiny_dir):
     texts = [c.message.content for c in first.choices]
     assert texts == [c.message.content for c in again.choices]
     assert len(set(texts)) > 1  # each choice has its own seed
+
+
+def test_json_schema_answers_parse_and_follow_the_schema(served, tiny_dir):
+    server, _ = served
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "check", "schema": schema}}
+    reply = server.client().chat.completions.create(
+        model=tiny_dir.name,
+        messages=[{"role": "user", "content": "json please"}],
+        response_format=fmt,
+        max_tokens=60,
+        temperature=1.0,
+        seed=3,
+        n=3,
+    )
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        answer = json.loads(choice.message.content)
+        assert (
+            set(answer) == {"ok", "n"}
+            and isinstance(answer["ok"], bool)
+            and answer["n"] in (1, 2, 3)
+        )
+    bad = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={
+            "model": tiny_dir.name,
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}},
+        },
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
 
 
 def test_errors_have_openais_shape_and_never_echo_the_request(served, tiny_dir):
@@ -396,3 +436,43 @@ def test_private_mode_keeps_no_trace_of_a_request_anywhere(tmp_path, tiny_dir):
     for path in (p for p in tmp_path.rglob("*") if p.is_file()):
         assert canary.encode() not in path.read_bytes(), path
     assert '"event": "request"' in err and '"event": "ready"' in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "smollm2-135m-palettized"])
+def test_the_real_models_serve_their_shipped_adapters_and_json(model):
+    email = (
+        "Hi team, the quarterly review moves from Tuesday to Thursday at 3pm in room 4B."
+        " Please bring your updated numbers. Thanks, Dana"
+    )
+    with LiveServer(ServeConfig(model=model, private=False)) as server:
+        server.wait_ready()
+        client = server.client()
+        served = {m.id for m in client.models.list().data}
+        assert served == {model, "summarize-email", "summarize-dialogue"}
+        for name in sorted(served):
+            reply = client.chat.completions.create(
+                model=name,
+                messages=[{"role": "user", "content": email}],
+                max_tokens=24,
+                temperature=0,
+            )
+            assert reply.choices[0].message.content.strip(), name
+        schema = {
+            "type": "object",
+            "properties": {
+                "animal": {"type": "string", "maxLength": 16},
+                "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+            },
+            "required": ["animal", "legs"],
+            "additionalProperties": False,
+        }
+        answer = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+            max_tokens=48,
+            temperature=0,
+        )
+        parsed = json.loads(answer.choices[0].message.content)
+        assert set(parsed) == {"animal", "legs"} and 0 <= parsed["legs"] <= 8

@@ -55,6 +55,7 @@ def serve(
     streaming, adapters as models), batching concurrent requests continuously."""
     import uvicorn
 
+    from openafm.cli.common import load_named, user_errors
     from openafm.serve import ServeConfig, create_app
     from openafm.serve.privacy import ExceptionTypeOnly
 
@@ -70,12 +71,21 @@ def serve(
         request_timeout_s=request_timeout,
         private=private,
     )
+    from openafm.compress.default_model import recipe_names
+    from openafm.io import resolve_model
+
+    with user_errors():  # a wrong name or path fails here, not minutes later on /health
+        if model not in recipe_names():
+            resolve_model(model)
+        for folder in adapters or []:
+            if not folder.is_dir():
+                raise FileNotFoundError(f"adapters folder {folder} does not exist")
     if private:
         logging.getLogger("uvicorn.error").addFilter(ExceptionTypeOnly())
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: let that end with status 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
-        create_app(config),
+        create_app(config, loader=load_named),
         host=host,
         port=port,
         access_log=not private,

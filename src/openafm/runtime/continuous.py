@@ -16,6 +16,7 @@ import torch
 from openafm.model import KVCache, LowRankDelta
 from openafm.model.slot_cache import SlotCache
 from openafm.runtime.adapter_cache import ServingAdapter, overlaid, overlay
+from openafm.runtime.constraints import TokenConstraint
 from openafm.runtime.detokenize import IncrementalDetokenizer, RowText, StopMatcher
 from openafm.runtime.engine import Completion, Engine
 from openafm.runtime.sampling import SamplingParams, sample_next
@@ -36,6 +37,7 @@ class Request:
     params: SamplingParams
     adapter: str | None
     sink: Callable[[Event], None]
+    constraint: TokenConstraint | None = None
     id: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -111,12 +113,13 @@ class ContinuousBatcher:
         params: SamplingParams,
         sink: Callable[[Event], None],
         adapter: str | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> Request:
         """Queue a prompt; raises ValueError (bad prompt) or QueueFullError at once."""
         self.engine.check_prompts([prompt])
         if adapter is not None and self.engine.adapters is None:
             raise ValueError("this engine was built without an adapter cache")
-        request = Request(list(prompt), params, adapter, sink, id=next(self._ids))
+        request = Request(list(prompt), params, adapter, sink, constraint, id=next(self._ids))
         with self._lock:
             free = self.cache.used.count(False)
             if len(self._waiting) >= self.max_queue + free:
@@ -198,7 +201,7 @@ class ContinuousBatcher:
                 logits = engine.prefill_model(
                     torch.tensor([request.prompt]), prompt_cache, last_only=True
                 )[:, -1]
-            first = int(sample_next(logits, request.params, generator)[0])
+                first = _choose(logits, request, generator)
         except Exception as error:  # the request fails, the batch goes on
             _send(request, error)
             return
@@ -290,11 +293,26 @@ class ContinuousBatcher:
         self.stats.steps += 1
         self.stats.batch_rows += self.active
         for slot, row in enumerate(self.rows[:n]):
-            if row is not None:
-                token = int(
-                    sample_next(logits[slot : slot + 1], row.request.params, row.generator)[0]
-                )
-                self._take(slot, token)
+            if row is None:
+                continue
+            try:
+                with torch.inference_mode():
+                    token = _choose(logits[slot : slot + 1], row.request, row.generator)
+            except Exception as error:  # this request fails, the batch goes on
+                self._finish(slot, "error")
+                _send(row.request, error)
+                continue
+            self._take(slot, token)
+
+
+def _choose(logits: torch.Tensor, request: Request, generator: torch.Generator) -> int:
+    """The next token of one row (`logits` is `(1, vocab)`), within its constraint."""
+    if request.constraint is not None:
+        request.constraint.restrict(logits)
+    token = int(sample_next(logits, request.params, generator)[0])
+    if request.constraint is not None:
+        request.constraint.accept(token)
+    return token
 
 
 def _send(request: Request, event: Event) -> None:

@@ -21,7 +21,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from openafm.adapters import AdapterError
-from openafm.runtime import Completion, ContextLengthError, SamplingParams
+from openafm.runtime import (
+    Completion,
+    ContextLengthError,
+    Pretrained,
+    SamplingParams,
+    load_pretrained,
+)
 from openafm.runtime.continuous import QueueFullError
 from openafm.serve import protocol
 from openafm.serve.config import ServeConfig
@@ -95,10 +101,14 @@ class Guardrails:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(config: ServeConfig, worker: ModelWorker | None = None) -> FastAPI:
-    """The server's app; the model loads in the background when the app starts."""
+def create_app(
+    config: ServeConfig,
+    worker: ModelWorker | None = None,
+    loader: Callable[[str | None], Pretrained] = load_pretrained,
+) -> FastAPI:
+    """The server's app; the model loads (with `loader`) in the background when it starts."""
     metrics = worker.metrics if worker is not None else Metrics()
-    worker = worker or ModelWorker(config, metrics)
+    worker = worker or ModelWorker(config, metrics, loader)
     guard = WriteGuard.get() if config.private else None
     if guard is not None:
         guard.on_refuse = metrics.blocked_writes.inc
@@ -272,19 +282,20 @@ async def _respond(
     chat: bool,
 ) -> Response:
     """Submit the request's n choices, then answer in one body or as a stream."""
-    if body.json_mode:
-        raise APIError(
-            400,
-            "response_format json_object is not supported yet",
-            param="response_format",
-            code="unsupported",
-        )
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     log = _RequestLog(worker, request_id, "chat" if chat else "completions", len(prompt), body)
+    grammar = body.grammar()
+    try:
+        constraints = [
+            None if grammar is None else worker.json_constraint(grammar) for _ in range(body.n)
+        ]
+    except ValueError:
+        raise APIError(400, "the JSON schema cannot be used", param="response_format") from None
     submissions: list[Submission] = []
     try:
-        for i in range(body.n):
-            submissions.append(worker.submit(prompt, _sampling(body, config, i), adapter))
+        for i, constraint in enumerate(constraints):
+            params = _sampling(body, config, i)
+            submissions.append(worker.submit(prompt, params, adapter, constraint))
     except Exception as error:
         for submission in submissions:
             submission.cancel()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,8 +32,23 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchema(_Body):
+    name: str = "answer"
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = Field(default_factory=dict)
+
+
 class ResponseFormat(_Body):
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchema | None = None
+
+    def grammar(self) -> str | None:
+        """The JSON schema answers must follow (any object for json_object), or None."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema":
+            schema = self.json_schema.schema_ if self.json_schema else {}
+            return json.dumps(schema or {"type": "object"})
+        return None
 
 
 class _Sampling(_Body):
@@ -55,9 +71,8 @@ class _Sampling(_Body):
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
-    @property
-    def json_mode(self) -> bool:
-        return self.response_format is not None and self.response_format.type == "json_object"
+    def grammar(self) -> str | None:
+        return None if self.response_format is None else self.response_format.grammar()
 
 
 class ChatCompletionRequest(_Sampling):

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,8 @@ from openafm.adapters import AdapterError, check_adapter_name
 from openafm.adapters.adapter_file import read_adapter_meta
 from openafm.adapters.registry import SHIPPED_DIR, user_adapters_dir
 from openafm.io.fetch import DEFAULT_MODEL
-from openafm.runtime import Engine, SamplingParams, engine_for, load_pretrained
+from openafm.runtime import Engine, Pretrained, SamplingParams, engine_for, load_pretrained
+from openafm.runtime.constraints import Constraints, TokenConstraint
 from openafm.runtime.continuous import ContinuousBatcher, Event, Request
 from openafm.serve.config import ServeConfig
 from openafm.serve.metrics import Metrics
@@ -36,8 +37,14 @@ def served_name(model: str | None) -> str:
 class ModelWorker:
     """One base model and its adapters, served by a continuous batcher on its own thread."""
 
-    def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        metrics: Metrics,
+        loader: Callable[[str | None], Pretrained] = load_pretrained,
+    ) -> None:
         self.config = config
+        self.loader = loader
         self.metrics = metrics
         self.name = served_name(config.model)
         self.ready = threading.Event()
@@ -46,6 +53,7 @@ class ModelWorker:
         self.manifest: dict[str, object] = {}
         self.engine: Engine | None = None
         self.batcher: ContinuousBatcher | None = None
+        self.constraints: Constraints | None = None
         self.signature = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,7 +63,7 @@ class ModelWorker:
     def load(self) -> None:
         """Load the model, find its adapters, warm up, start the batcher (on any thread)."""
         try:
-            pretrained = load_pretrained(self.config.model)
+            pretrained = self.loader(self.config.model)
             engine = engine_for(
                 pretrained,
                 prefill_dtype=torch.bfloat16,
@@ -66,10 +74,12 @@ class ModelWorker:
             engine.adapters.resolve = self._adapter_path
             self._discover(self.config.adapters)
             self.engine = engine
+            self.constraints = Constraints(engine.tokenizer, engine.model.config.vocab_size)
             self.batcher = ContinuousBatcher(
                 engine, max_batch=self.config.max_batch, max_queue=self.config.max_queue
             )
             self._warm_up()
+            self.constraints.json_schema()  # builds the grammar's tokenizer before serving
             self.manifest = {
                 "openafm_version": __version__,
                 "code_sha256": code_sha256(),
@@ -176,8 +186,17 @@ class ModelWorker:
 
     # --- generation -----------------------------------------------------------------------
 
+    def json_constraint(self, schema: str) -> TokenConstraint:
+        """A fresh grammar state for one answer that must be JSON following `schema`."""
+        assert self.constraints is not None
+        return self.constraints.json_schema(schema)
+
     def submit(
-        self, prompt: Sequence[int], params: SamplingParams, adapter: str | None
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        adapter: str | None,
+        constraint: TokenConstraint | None = None,
     ) -> Submission:
         """Queue a request from the event loop's thread; its events arrive on that loop.
         Raises ContextLengthError, QueueFullError or ValueError at once."""
@@ -189,7 +208,7 @@ class ModelWorker:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        request = self.batcher.submit(prompt, params, sink, adapter)
+        request = self.batcher.submit(prompt, params, sink, adapter, constraint)
         self.metrics.queue_depth.set(self.batcher.waiting)
         return Submission(request, events)
 
