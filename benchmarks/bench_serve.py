@@ -97,11 +97,16 @@ async def _level(
     results: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        errors = 0
 
         async def worker() -> None:
+            nonlocal errors
             while not queue.empty():
                 model, prompt = queue.get_nowait()
-                results.append(await _one(client, url, model, prompt, max_tokens))
+                try:
+                    results.append(await _one(client, url, model, prompt, max_tokens))
+                except httpx.HTTPError:
+                    errors += 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -113,6 +118,7 @@ async def _level(
     return {
         "concurrency": concurrency,
         "requests": len(results),
+        "errors": errors,
         "seconds": round(seconds, 2),
         "requests_per_s": round(len(results) / seconds, 3),
         "output_tokens_per_s": round(tokens / seconds, 2),
@@ -122,6 +128,16 @@ async def _level(
         "itl_p50_ms": round(1e3 * _percentile(itls, 0.5), 1),
         "itl_p99_ms": round(1e3 * _percentile(itls, 0.99), 1),
     }
+
+
+def _rss_mb(pid: int | None) -> float | None:
+    """The server's resident memory (Linux), or None when it runs elsewhere."""
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
 
 
 def _free_port() -> int:
@@ -147,7 +163,7 @@ def _server(model: str, max_batch: int, threads: int):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -165,12 +181,17 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
 
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(_server(args.model, args.max_batch, args.threads))
+        url, pid = args.url, None
+        if url is None:
+            url, pid = stack.enter_context(_server(args.model, args.max_batch, args.threads))
         models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        asyncio.run(_level(url, models, 1, 2, 8))  # warm-up
+        rss_before = _rss_mb(pid)
         rows = []
         for concurrency in levels:
             requests = min(max(8, 2 * concurrency), 128)
             row = asyncio.run(_level(url, models, concurrency, requests, args.max_tokens))
+            row["server_rss_mb"] = _rss_mb(pid)
             rows.append(row)
             print(f"  {row}", file=sys.stderr)
     base = rows[0]
@@ -189,6 +210,10 @@ def main() -> None:
                 "max_tokens": args.max_tokens,
                 "threads": args.threads,
                 "cpu": cpu(),
+                "server_rss_mb_before": rss_before,
+                "server_rss_after_vs_before": None
+                if rss_before is None
+                else round(rows[-1]["server_rss_mb"] / rss_before, 3),
                 "levels": rows,
             },
             indent=2,

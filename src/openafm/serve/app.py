@@ -40,7 +40,7 @@ from openafm.serve.errors import (
     validation_error_handler,
 )
 from openafm.serve.metrics import Metrics
-from openafm.serve.privacy import WriteGuard, log_event
+from openafm.serve.privacy import WriteGuard, log, log_event
 from openafm.serve.worker import ModelWorker, Submission
 
 Scope = MutableMapping[str, Any]
@@ -119,6 +119,14 @@ def create_app(
         if worker.ready.is_set():
             if guard is not None:
                 guard.armed = True
+            names = ", ".join(sorted(worker.adapters)) or "none"
+            log.info(
+                "serving %s (adapters: %s) at http://%s:%d",
+                worker.name,
+                names,
+                config.host,
+                config.port,
+            )
             log_event(
                 "ready",
                 model=worker.name,
