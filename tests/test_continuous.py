@@ -196,3 +196,5 @@ def test_slot_cache_positions_survive_shifts_and_growth():
     cache.reserve(cache.max_len)  # compacts row 0 back to position 0 before growing
     assert cache.pad.tolist()[0] == 0 and cache.length == 3
     assert torch.equal(cache.view(1).keys[:, 0, :, :3], prompt.keys[:, 0])
+    assert cache.view(1).keys.is_contiguous()  # a lone row can go to the native decode kernels
+    assert not cache.view(2).keys.is_contiguous()

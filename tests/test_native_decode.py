@@ -184,3 +184,29 @@ def test_a_stack_of_the_wrong_shape_is_refused_clearly():
     h, cos = torch.randn(1, 64), torch.randn(1, 16)
     with pytest.raises(RuntimeError, match="exceed the cache"):
         stack(h, keys, keys.clone(), 4, cos, cos)
+
+
+def test_a_lone_request_of_the_continuous_batcher_decodes_through_the_stack():
+    from openafm.runtime.continuous import ContinuousBatcher
+    from tests.test_continuous import Collector, _drain
+
+    model = _palettized_tiny()
+    engine = Engine(model, byte_tokenizer(), tune_threads=False)
+    batcher = ContinuousBatcher(engine, max_batch=3)
+    one = model.embed(torch.zeros(1, 1, dtype=torch.long))
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    first, second = Collector(), Collector()
+    batcher.submit([5, 6, 7, 8], params, first)
+    for _ in range(3):
+        batcher.step()
+    with torch.inference_mode():
+        assert stack_for(model, one, batcher.cache.view(1)) is not None
+    batcher.submit(list(range(20, 32)), SamplingParams(max_tokens=4, ignore_eos=True), second)
+    for _ in range(6):  # the second joins with a longer prompt, finishes, and leaves
+        batcher.step()
+    assert batcher.active == 1
+    batcher.step()  # alone again: its padding is dropped
+    with torch.inference_mode():
+        assert stack_for(model, one, batcher.cache.view(1)) is not None
+    _drain(batcher)
+    assert first.done.token_ids == engine.generate([[5, 6, 7, 8]], params)[0].token_ids

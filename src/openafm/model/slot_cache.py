@@ -10,7 +10,8 @@ from openafm.model.kv_cache import KVCache
 
 
 class SlotCache:
-    """`slots` rows of keys and values, `(layers, slots, kv_heads, max_len, head_dim)`.
+    """`slots` rows of keys and values, stored row-major: `(slots, layers, kv_heads, max_len,
+    head_dim)`, so a one-row view is contiguous (the native decode kernels take it).
 
     `view(n)` is a `KVCache` over the first n rows sharing this storage (the model writes
     through it); `place` copies a request's prefilled cache into a free row; `release` zeroes
@@ -44,7 +45,7 @@ class SlotCache:
 
     def _resize(self, max_len: int) -> None:
         """Storage of `max_len` positions, keeping positions [0, length)."""
-        shape = (self.n_layers, self.slots, self.kv_heads, max_len, self.head_dim)
+        shape = (self.slots, self.n_layers, self.kv_heads, max_len, self.head_dim)
         shapes = [shape, shape]
         if self.dtype == torch.int8:
             shapes += [(*shape[:-1], 1)] * 2
@@ -68,13 +69,17 @@ class SlotCache:
         self.length += by
         self.pad = (self.pad + by).clamp_(min=0)
 
+    def compact(self) -> None:
+        """Drop the padding every busy row has (shift all rows left by the least of it)."""
+        spare = min((int(self.pad[i]) for i in range(self.slots) if self.used[i]), default=0)
+        if spare:
+            self._shift(-spare)
+
     def reserve(self, n_new: int) -> None:
         """Room for `n_new` more positions: compact first, grow only if that is not enough."""
         if self.length + n_new <= self.max_len:
             return
-        spare = min((int(self.pad[i]) for i in range(self.slots) if self.used[i]), default=0)
-        if spare:
-            self._shift(-spare)
+        self.compact()
         if self.length + n_new > self.max_len:
             self._resize(max(self.length + n_new, self.max_len * 3 // 2))
 
@@ -96,24 +101,25 @@ class SlotCache:
         sources = [prompt.keys, prompt.values, prompt.key_scale, prompt.value_scale]
         for store, source in zip(self._storage, sources, strict=False):
             assert source is not None
-            store[:, slot, :, :start] = 0
-            store[:, slot, :, start : self.length] = source[:, 0, :, :n_tokens]
+            store[slot, :, :, :start] = 0
+            store[slot, :, :, start : self.length] = source[:, 0, :, :n_tokens]
         self.pad[slot] = start
         self.used[slot] = True
 
     def release(self, slot: int) -> None:
         """Zero a row's keys and values and mask it entirely until it is placed again."""
         for store in self._storage:
-            store[:, slot].zero_()
+            store[slot].zero_()
         self.pad[slot] = self.length
         self.used[slot] = False
 
     def view(self, n: int) -> KVCache:
         """A `KVCache` over rows [0, n), sharing this storage, at the shared position."""
         cache = KVCache(self.n_layers, n, self.max_len, dtype=self.dtype, pad=self.pad[:n])
-        cache.keys, cache.values = self._storage[0][:, :n], self._storage[1][:, :n]
+        rows = [t[:n].transpose(0, 1) for t in self._storage]  # (layers, n, heads, len, dim)
+        cache.keys, cache.values = rows[0], rows[1]
         if self.dtype == torch.int8:
-            cache.key_scale, cache.value_scale = self._storage[2][:, :n], self._storage[3][:, :n]
+            cache.key_scale, cache.value_scale = rows[2], rows[3]
         cache.length = self.length
         return cache
 

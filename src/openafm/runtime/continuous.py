@@ -279,6 +279,8 @@ class ContinuousBatcher:
         n = max(i for i, r in enumerate(self.rows) if r is not None) + 1
         if self._deltas is None:
             self._deltas = overlay([r.adapter if r else None for r in self.rows[:n]])
+        if n == 1 and self.cache.pad[0]:
+            self.cache.compact()  # one row, no padding: the native decode kernels can take it
         pad_id = self.engine.tokenizer.eos_id or 0
         tokens = torch.tensor([[r.pending if r else pad_id] for r in self.rows[:n]])
         self.cache.reserve(1)
