@@ -239,7 +239,7 @@ def injection_cmd(
     dialogues: Annotated[Path, typer.Option(help="DialogSum JSONL (dialogues to summarize).")],
     per_feature: Annotated[
         int, typer.Option(min=1, help="Cases per feature (the first N records of each file).")
-    ] = 120,
+    ] = 200,
     adapter: Annotated[
         str | None,
         typer.Option(
@@ -333,7 +333,7 @@ def report_cmd(
     ] = 256,
     injection_cases: Annotated[
         int, typer.Option(min=1, help="Injection cases per summarization feature.")
-    ] = 120,
+    ] = 200,
     batch_size: BatchOption = 8,
     cached_only: Annotated[
         bool, typer.Option(help="Only write the page from what the cache holds; run nothing.")

@@ -83,7 +83,7 @@ class SuiteData:
     summary_sample: int | None = None  # ...except summaries: a length-stratified sample
     ifeval_max_tokens: int = IFEVAL_MAX_NEW_TOKENS
     safety_max_tokens: int = 256
-    injection_per_feature: int = 120
+    injection_per_feature: int = 200
     batch_size: int = 8
 
 

@@ -40,8 +40,18 @@ class SlotCache:
         self.pad = torch.zeros(slots, dtype=torch.long)
         self.used = [False] * slots
         self.max_len = 0
+        self.initial_len = max_len
         self._storage: list[torch.Tensor] = []
         self._resize(max_len)
+
+    def shrink(self) -> None:
+        """With every row free, go back to the first size (memory goes back to the system)."""
+        if any(self.used) or self.max_len == self.initial_len:
+            return
+        self.length = 0
+        self.pad.zero_()
+        self._storage = []
+        self._resize(self.initial_len)
 
     def _resize(self, max_len: int) -> None:
         """Storage of `max_len` positions, keeping positions [0, length)."""

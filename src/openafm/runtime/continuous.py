@@ -173,6 +173,8 @@ class ContinuousBatcher:
                 request = self._waiting.popleft()
             self._admit(slot, request)
         if self.active == 0:
+            if not self._waiting:
+                self.cache.shrink()
             return bool(self._waiting)
         self._decode()
         return True
