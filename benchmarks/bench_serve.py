@@ -1,11 +1,12 @@
 """Load on `afm serve` in the style of vLLM's benchmark_serving.py: streamed chat requests at
 concurrency 1, 4, 16 and 64 (a mix of the base and its feature adapters), measuring TTFT, TPOT
 and ITL (p50/p99), requests/s and output tokens/s; ratios against concurrency 1 from the same
-run. Starts a real server on a free loopback port; load goes nowhere else and is bounded.
-Prints JSON with the CPU's flags.
+run. The busiest level runs twice: the server's resident memory after the second run against
+after the first is the leak check. Starts a real server on a free loopback port; load goes
+nowhere else and is bounded. Prints JSON with the CPU's flags.
 
     python benchmarks/bench_serve.py [--model smollm2-135m-instruct] [--max-batch 16]
-        [--levels 1,4,16,64] [--max-tokens 64] [--url URL (an already running server)]
+        [--levels 1,4,16,64] [--max-tokens 64] [--fixed-length] [--url URL]
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _one(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, fixed: bool
 ) -> dict:
     body = {
         "model": model,
@@ -62,6 +63,7 @@ async def _one(
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        "ignore_eos": fixed,
     }
     start = time.perf_counter()
     stamps: list[float] = []
@@ -87,7 +89,7 @@ async def _one(
 
 
 async def _level(
-    url: str, models: list[str], concurrency: int, requests: int, max_tokens: int
+    url: str, models: list[str], concurrency: int, requests: int, max_tokens: int, fixed: bool
 ) -> dict:
     prompts = _prompts()
     jobs = [(models[i % len(models)], prompts[i % len(prompts)]) for i in range(requests)]
@@ -104,7 +106,7 @@ async def _level(
             while not queue.empty():
                 model, prompt = queue.get_nowait()
                 try:
-                    results.append(await _one(client, url, model, prompt, max_tokens))
+                    results.append(await _one(client, url, model, prompt, max_tokens, fixed))
                 except httpx.HTTPError:
                     errors += 1
 
@@ -176,6 +178,11 @@ def main() -> None:
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help="every answer runs to --max-tokens (ignore_eos, as vLLM's benchmark --ignore-eos)",
+    )
     parser.add_argument("--url", help="measure a server that already runs (no start/stop)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -185,15 +192,22 @@ def main() -> None:
         if url is None:
             url, pid = stack.enter_context(_server(args.model, args.max_batch, args.threads))
         models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
-        asyncio.run(_level(url, models, 1, 2, 8))  # warm-up
-        rss_before = _rss_mb(pid)
+        asyncio.run(_level(url, models, 1, 2, 8, False))  # warm-up
         rows = []
         for concurrency in levels:
             requests = min(max(8, 2 * concurrency), 128)
-            row = asyncio.run(_level(url, models, concurrency, requests, args.max_tokens))
+            row = asyncio.run(
+                _level(url, models, concurrency, requests, args.max_tokens, args.fixed_length)
+            )
             row["server_rss_mb"] = _rss_mb(pid)
             rows.append(row)
             print(f"  {row}", file=sys.stderr)
+        # a leak check: the busiest level once more; memory after it against after the first
+        top = max(levels)
+        again = asyncio.run(
+            _level(url, models, top, min(2 * top, 128), args.max_tokens, args.fixed_length)
+        )
+        again["server_rss_mb"] = _rss_mb(pid)
     base = rows[0]
     for row in rows:
         row["output_tokens_per_s_vs_first"] = round(
@@ -208,13 +222,14 @@ def main() -> None:
                 "models_in_mix": models,
                 "max_batch": args.max_batch,
                 "max_tokens": args.max_tokens,
+                "fixed_length": args.fixed_length,
                 "threads": args.threads,
                 "cpu": cpu(),
-                "server_rss_mb_before": rss_before,
-                "server_rss_after_vs_before": None
-                if rss_before is None
-                else round(rows[-1]["server_rss_mb"] / rss_before, 3),
                 "levels": rows,
+                "repeat_of_busiest_level": again,
+                "rss_after_repeat_vs_after_first": None
+                if pid is None
+                else round(again["server_rss_mb"] / rows[levels.index(top)]["server_rss_mb"], 3),
             },
             indent=2,
         )

@@ -181,6 +181,10 @@ def test_n_choices_and_seeded_sampling_are_reproducible(served, tiny_dir):
     texts = [c.message.content for c in first.choices]
     assert texts == [c.message.content for c in again.choices]
     assert len(set(texts)) > 1  # each choice has its own seed
+    fixed = client.completions.create(
+        model=tiny_dir.name, prompt="a", max_tokens=20, extra_body={"ignore_eos": True}
+    )
+    assert fixed.usage.completion_tokens == 20 and fixed.choices[0].finish_reason == "length"
 
 
 def test_json_schema_answers_parse_and_follow_the_schema(served, tiny_dir):

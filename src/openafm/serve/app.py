@@ -266,6 +266,7 @@ def _sampling(
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=seed,
         stop=body.stops(),
+        ignore_eos=body.ignore_eos,
     )
 
 
