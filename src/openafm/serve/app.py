@@ -116,6 +116,8 @@ def create_app(
     def load() -> None:
         with contextlib.suppress(Exception):  # the failure is kept in worker.failed
             worker.load()
+        if worker.failed:
+            log.error("could not load the model: %s", worker.failed)
         if worker.ready.is_set():
             if guard is not None:
                 guard.armed = True
@@ -196,7 +198,7 @@ def create_app(
     async def load_adapter(body: protocol.AdapterLoad) -> dict[str, object]:
         served = ready()
         if body.name == served.name or body.name in served.adapters:
-            raise APIError(400, f"a model named {body.name!r} is already served", param="name")
+            raise APIError(400, "a model of that name is already served", param="name")
         try:
             served.add_adapter(body.name, Path(body.path))
         except AdapterError as error:
