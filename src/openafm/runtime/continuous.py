@@ -4,6 +4,7 @@ done, each with its own sampling settings, stop strings and adapter. One thread 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from openafm.model import KVCache, LowRankDelta
+from openafm.model import KVCache, LowRankDelta, Transformer
 from openafm.model.slot_cache import SlotCache
 from openafm.runtime.adapter_cache import ServingAdapter, overlaid, overlay
 from openafm.runtime.constraints import TokenConstraint
@@ -196,7 +197,7 @@ class ContinuousBatcher:
             else:
                 generator.manual_seed(request.params.seed)
             with (
-                overlaid([engine.prefill_model], overlay([adapter])),
+                self._overlaid(engine.prefill_model, overlay([adapter])),
                 torch.inference_mode(),
                 engine.prefill_autocast(),
             ):
@@ -227,6 +228,14 @@ class ContinuousBatcher:
         self._deltas = None
         self.stats.admitted += 1
         self._take(slot, first)
+
+    def _overlaid(
+        self, model: Transformer, deltas: dict[str, LowRankDelta]
+    ) -> contextlib.AbstractContextManager[None]:
+        """The rows' adapters on `model`; without an adapter cache, the model as it is."""
+        if self.engine.adapters is None:
+            return contextlib.nullcontext()
+        return overlaid([model], deltas)
 
     def _take(self, slot: int, token: int) -> None:
         """Append a sampled token to a row, send its new text, finish it if it stopped."""
@@ -288,7 +297,7 @@ class ContinuousBatcher:
         self.cache.reserve(1)
         view = self.cache.view(n)
         with (
-            overlaid([self.engine.model], self._deltas),
+            self._overlaid(self.engine.model, self._deltas),
             torch.inference_mode(),
             self.engine.decode_threads(),
         ):

@@ -198,6 +198,8 @@ class Engine:
         drafter = self.speculation
         if isinstance(drafter, DraftModel) and drafter.model.config == self.model.config:
             models[drafter.model] = None  # the same feature adapter: drafts in the same style
+        if self.adapters is None:  # no adapter cache: the model as it is, with what it holds
+            return (yield from self._generate(prompts, params))
         with overlaid(list(models), overlay(rows)):
             return (yield from self._generate(prompts, params))
 
