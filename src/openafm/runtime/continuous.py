@@ -20,7 +20,7 @@ from openafm.runtime.adapter_cache import ServingAdapter, overlaid, overlay
 from openafm.runtime.constraints import TokenConstraint
 from openafm.runtime.detokenize import IncrementalDetokenizer, RowText, StopMatcher
 from openafm.runtime.engine import Completion, Engine
-from openafm.runtime.sampling import SamplingParams, sample_next
+from openafm.runtime.sampling import SamplingParams, sample_next, seeded_generator
 
 Event = str | Completion | BaseException
 """What a request's sink receives: text pieces, then its `Completion` (or the error)."""
@@ -150,11 +150,20 @@ class ContinuousBatcher:
         self._wake.wait(timeout=timeout)
         self._wake.clear()
 
-    def run(self, stop: threading.Event) -> None:
-        """Step until `stop` is set, sleeping while there is nothing to do."""
+    def run(
+        self,
+        stop: threading.Event,
+        after_step: Callable[[bool], None] | None = None,
+        idle_s: float = 0.1,
+    ) -> None:
+        """Step until `stop` is set, sleeping (up to `idle_s`) while there is nothing to do;
+        `after_step(stepped)` after each turn (for metrics)."""
         while not stop.is_set():
-            if not self.step():
-                self.wait_for_work(timeout=0.1)
+            stepped = self.step()
+            if not stepped:
+                self.wait_for_work(timeout=idle_s)
+            if after_step is not None:
+                after_step(stepped)
 
     # --- the model's thread ---------------------------------------------------------------
 
@@ -191,11 +200,7 @@ class ContinuousBatcher:
             prompt_cache = KVCache(
                 engine.model.config.n_layers, 1, n, dtype=engine.cache_dtype, device="cpu"
             )
-            generator = torch.Generator()
-            if request.params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(request.params.seed)
+            generator = seeded_generator(request.params.seed)
             with (
                 self._overlaid(engine.prefill_model, overlay([adapter])),
                 torch.inference_mode(),

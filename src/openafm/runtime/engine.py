@@ -13,7 +13,7 @@ from openafm.model import KVCache, Linear, Transformer
 from openafm.model.compressed import is_compressed
 from openafm.runtime.adapter_cache import AdapterCache, overlaid, overlay
 from openafm.runtime.detokenize import IncrementalDetokenizer, RowText, StopMatcher
-from openafm.runtime.sampling import SamplingParams, sample_next
+from openafm.runtime.sampling import SamplingParams, sample_next, seeded_generator
 from openafm.runtime.speculative import Drafter, DraftModel, next_draft_length, verify
 from openafm.runtime.threads import ThreadTuner
 from openafm.tokenizer import Tokenizer
@@ -193,13 +193,13 @@ class Engine:
         """Load the batch's adapters (all or none), overlay them, and generate."""
         self.check_prompts(prompts)
         names = self._adapter_rows(adapters, len(prompts))
-        rows = self.adapters.resolve_rows(names) if self.adapters is not None else []
+        if self.adapters is None:  # no adapter cache: the model as it is, with what it holds
+            return (yield from self._generate(prompts, params))
+        rows = self.adapters.resolve_rows(names)
         models = dict.fromkeys((self.model, self.prefill_model))
         drafter = self.speculation
         if isinstance(drafter, DraftModel) and drafter.model.config == self.model.config:
             models[drafter.model] = None  # the same feature adapter: drafts in the same style
-        if self.adapters is None:  # no adapter cache: the model as it is, with what it holds
-            return (yield from self._generate(prompts, params))
         with overlaid(list(models), overlay(rows)):
             return (yield from self._generate(prompts, params))
 
@@ -220,11 +220,7 @@ class Engine:
             dtype=self.cache_dtype,
             pad=pad,
         )
-        generator = torch.Generator()
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
+        generator = seeded_generator(params.seed)
         stops = StopMatcher(params.stop)
         rows = [_Row(IncrementalDetokenizer(self.tokenizer)) for _ in prompts]
 

@@ -32,6 +32,16 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
 
 
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A generator for one request's draws: seeded when asked, from the OS otherwise."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampling draws from (temperature, top-k, top-p applied), per row."""
     logits = logits.float() / params.temperature

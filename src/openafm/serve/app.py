@@ -338,8 +338,8 @@ async def _respond(
     log.finish(200, completions)
     answers = [(c.text, c.finish_reason) for c in completions]
     tokens = sum(c.completion_tokens for c in completions)
-    build = protocol.chat_completion if chat else protocol.text_completion
-    return JSONResponse(build(request_id, body.model, answers, protocol.usage(len(prompt), tokens)))
+    usage = protocol.usage(len(prompt), tokens)
+    return JSONResponse(protocol.completion(request_id, body.model, answers, usage, chat=chat))
 
 
 def _refusal(error: Exception, prompt_tokens: int, chat: bool) -> APIError:

@@ -107,41 +107,25 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_completion(
-    request_id: str, model: str, answers: list[tuple[str, str]], usage_: dict[str, int]
+def completion(
+    request_id: str,
+    model: str,
+    answers: list[tuple[str, str]],
+    usage_: dict[str, int],
+    *,
+    chat: bool,
 ) -> dict[str, object]:
-    """A `chat.completion` with one choice per (text, finish_reason)."""
+    """A `chat.completion` or `text_completion` with one choice per (text, finish_reason)."""
+    choices: list[dict[str, object]] = []
+    for i, (text, reason) in enumerate(answers):
+        content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        choices.append({"index": i, **content, "finish_reason": reason, "logprobs": None})
     return {
         "id": request_id,
-        "object": "chat.completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-                "logprobs": None,
-            }
-            for i, (text, reason) in enumerate(answers)
-        ],
-        "usage": usage_,
-    }
-
-
-def text_completion(
-    request_id: str, model: str, answers: list[tuple[str, str]], usage_: dict[str, int]
-) -> dict[str, object]:
-    """A `text_completion` with one choice per (text, finish_reason)."""
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-            for i, (text, reason) in enumerate(answers)
-        ],
+        "choices": choices,
         "usage": usage_,
     }
 

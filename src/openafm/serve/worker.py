@@ -112,13 +112,14 @@ class ModelWorker:
     def _run(self) -> None:
         assert self.batcher is not None
         batcher = self.batcher
-        while not self._stop.is_set():
-            if batcher.step():
+
+        def measure(stepped: bool) -> None:
+            if stepped:
                 self.metrics.batch_rows.observe(batcher.active)
-            else:
-                batcher.wait_for_work(timeout=0.05)
             self.metrics.queue_depth.set(batcher.waiting)
             self.metrics.batch_size.set(batcher.active)
+
+        batcher.run(self._stop, measure, idle_s=0.05)
 
     def stop(self) -> None:
         """Cancel what runs and waits, then stop the batcher's thread."""
