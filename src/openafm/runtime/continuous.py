@@ -215,7 +215,8 @@ class ContinuousBatcher:
             return
         self.cache.place(slot, prompt_cache, n)
         with torch.inference_mode():  # the prompt's own copy, made in inference mode
-            for store in (prompt_cache.keys, prompt_cache.values):
+            c = prompt_cache
+            for store in (c.keys, c.values, c.key_scale, c.value_scale):
                 if store is not None:
                     store.zero_()
         budget = min(request.params.max_tokens, engine.context_length - n)
