@@ -204,8 +204,9 @@ def _trainer(algo: str, *, k: int = 8, updates: int = 2, lr: float = 1e-2, max_t
     tokenizer = byte_tokenizer()
     adapter = LoraAdapter.fresh("policy", model, LoraConfig(rank=4), seed=0)
 
-    def first_half(_: int, tokens: list[int], text: str) -> float:
+    def first_half(_: int, completion) -> float:
         """The share of response tokens in the lower half of the vocabulary (about 1/2)."""
+        tokens = completion.token_ids
         return sum(t < 256 for t in tokens) / max(1, len(tokens))
 
     config = RLConfig(algo=algo, k=k, updates=updates, lr=lr, max_tokens=max_tokens, beta=0.0)

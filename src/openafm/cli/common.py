@@ -77,6 +77,14 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+@contextmanager
+def progress_bar(title: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar with ETA on stderr; yields its advance(n)."""
+    with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
+        task = bar.add_task(title, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("openafm")
     if not logger.handlers:

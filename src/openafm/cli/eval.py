@@ -21,9 +21,10 @@ from openafm.cli.common import (
     err_console,
     load_named,
     print_json,
+    progress_bar,
     user_errors,
 )
-from openafm.cli.eval_suites import load_engine, progress_bar, provenance_of, run_record
+from openafm.cli.eval_suites import load_engine, provenance_of, run_record
 from openafm.eval.suites import score_summaries
 from openafm.features import feature_for, get_feature
 from openafm.features.summarize import replies

@@ -4,14 +4,13 @@ safety, prompt-injection robustness) and the report that puts every model varian
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
-from rich.progress import Progress
 
 from openafm.cli.common import (
     KernelOption,
@@ -20,6 +19,7 @@ from openafm.cli.common import (
     err_console,
     load_named,
     print_json,
+    progress_bar,
     user_errors,
 )
 from openafm.eval import ifeval, safety
@@ -59,14 +59,6 @@ def load_engine(model: str | None) -> tuple[Engine, str]:
     with err_console.status(f"loading {model or 'the default model'}…", spinner="dots"):
         pretrained = load_named(model)
     return engine_for(pretrained, prefill_dtype=torch.bfloat16), pretrained.signature()
-
-
-@contextmanager
-def progress_bar(title: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar with ETA on stderr; yields its advance(n)."""
-    with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
-        task = bar.add_task(title, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def _answers(

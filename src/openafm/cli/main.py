@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from openafm import __version__
-from openafm.cli import adapter, data, eval, export, model, train
+from openafm.cli import adapter, data, eval, export, model, posttrain, train
 from openafm.cli.common import setup_logging
 from openafm.cli.compress import compress, recover
 from openafm.cli.generate import generate
@@ -16,7 +16,7 @@ from openafm.cli.tokenize import tokenize
 
 app = typer.Typer(
     name="afm",
-    help="OpenAFM: on-device foundation model tools (generate, serve, tokenize, models, data, adapters, compression, evaluation).",
+    help="OpenAFM: on-device foundation model tools (generate, serve, tokenize, models, data, adapters, post-training, compression, evaluation).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -32,6 +32,7 @@ app.add_typer(adapter.app, name="adapter")
 app.add_typer(eval.app, name="eval")
 app.add_typer(export.app, name="export")
 app.add_typer(train.app, name="train")
+app.add_typer(posttrain.app, name="posttrain")
 
 
 def _version(value: bool) -> None:

@@ -91,7 +91,10 @@ def mdpo_loss(
     ratio = torch.exp(new - old)
     kl = token_kl(logits, old_logits, mask)
     loss = -(ratio * advantages).mean() + kl.mean() / step_size
-    return loss, {"kl_to_old": float(kl.mean()), "ratio_mean": float(ratio.mean())}
+    return loss, {
+        "kl_to_old": float(kl.detach().mean()),
+        "ratio_mean": float(ratio.detach().mean()),
+    }
 
 
 def rloo_clipped_loss(

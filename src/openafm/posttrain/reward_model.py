@@ -37,7 +37,10 @@ class RewardModel(nn.Module):
         if int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]:
             raise ValueError("every sequence needs between 1 and the padded width of tokens")
         hidden = self.backbone.hidden_states(tokens)
-        last = hidden[torch.arange(tokens.shape[0]), lengths - 1].float()
+        return self.heads(hidden[torch.arange(tokens.shape[0]), lengths - 1].float())
+
+    def heads(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (B,) and grade logits (B, 4, 3) from last-token hidden states (B, dim)."""
         grades = torch.stack([head(last) for head in self.grade_heads], dim=1)
         return self.reward_head(last).squeeze(-1), grades
 

@@ -1,9 +1,14 @@
 """RLHF on a LoRA policy: K sampled responses per prompt, rewards penalised by the KL to the
 reference policy, leave-one-out advantages, then μ ≥ 2 updates per rollout batch with MDPO's KL
-trust region (MDLOO) or PPO's clipped ratio (RLOO), on the identical schedule."""
+trust region (MDLOO) or PPO's clipped ratio (RLOO), on the identical schedule.
+
+The rollout policy's logits are not stored (49k floats per token); a copy of its adapter is, and
+each update recomputes them micro-batch by micro-batch, which keeps memory flat.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,11 +23,12 @@ from openafm.posttrain.losses import (
     rloo_clipped_loss,
     sequence_logprob,
 )
-from openafm.runtime import Engine, SamplingParams
+from openafm.runtime import Completion, Engine, SamplingParams
+from openafm.runtime.batches import generate_continuously
 from openafm.tokenizer import Tokenizer
 
-Reward = Callable[[int, list[int], str], float]
-"""reward(prompt index, response token ids, response text) -> a number."""
+Reward = Callable[[int, Completion], float]
+"""reward(prompt key, completion) -> a number."""
 
 ALGORITHMS = ("mdloo", "rloo")
 
@@ -38,8 +44,12 @@ class RLConfig:
     step_size: float = 1.0  # MDPO's t: the KL to the rollout policy weighs 1/t
     clip: float = 0.2  # RLOO's ratio clip
     lr: float = 1e-3
+    max_grad_norm: float = 1.0
     max_tokens: int = 64
     temperature: float = 1.0
+    micro_batch: int = 4  # rows per forward in an update
+    max_batch: int = 32  # rows decoded together in a rollout
+    bf16: bool = False  # autocast the updates' forwards to bfloat16 (CPU)
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -48,28 +58,29 @@ class RLConfig:
             raise ValueError(
                 f"a leave-one-out method needs k >= 2 responses per prompt, got {self.k}"
             )
-        if self.updates < 1:
-            raise ValueError("updates must be at least 1")
+        if self.updates < 1 or self.micro_batch < 1 or self.max_batch < 1:
+            raise ValueError("updates, micro_batch and max_batch must be at least 1")
 
 
 @dataclass
 class Rollout:
-    """Sequences (prompt + response, right-padded), which targets are response tokens, and the
-    rollout and reference policies' log-probabilities of each response."""
+    """Sequences (prompt + response, right-padded), which targets are response tokens, the
+    rewards, the rollout and reference policies' log-probabilities of each response, and a
+    copy of the rollout policy's adapter."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
     rewards: torch.Tensor
-    old_logits: torch.Tensor
     old_logprob: torch.Tensor
     reference_logprob: torch.Tensor
     lengths: list[int]
+    old_adapter: LoraAdapter
 
 
 class PolicyTrainer:
-    """Trains `adapter` (attached to `model`) against `reward`; the reference is the adapter
-    as it was when training began."""
+    """Trains `adapter` (attached to `model`) against `reward`; the reference is `reference`,
+    or the adapter as it was when training began."""
 
     def __init__(
         self,
@@ -80,32 +91,65 @@ class PolicyTrainer:
         config: RLConfig,
         *,
         seed: int = 0,
+        reference: LoraAdapter | None = None,
     ) -> None:
         self.model, self.adapter, self.reward, self.config = model, adapter, reward, config
-        self.reference = adapter.to(torch.float32)
+        self.reference = (reference or adapter).to(torch.float32)
         self.engine = Engine(model, tokenizer, tune_threads=False)
         self.optimizer = torch.optim.Adam(adapter.parameters(), lr=config.lr)
         self.seed = seed
         self.iteration = 0
         adapter.attach(model)
 
-    def _logits(self, rollout_inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(rollout_inputs).float()
+    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self.config.bf16:
+            return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
-    def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
-        """K responses per prompt from the current policy, scored and with their log-probs."""
+    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model(inputs).float()
+
+    def _micro(self, n: int) -> list[slice]:
+        step = self.config.micro_batch
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    @torch.no_grad()
+    def _logprob(self, adapter: LoraAdapter, inputs, targets, mask) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        adapter.attach(self.model)
+        try:
+            return torch.cat(
+                [
+                    sequence_logprob(self._logits(inputs[s]), targets[s], mask[s])
+                    for s in self._micro(inputs.shape[0])
+                ]
+            )
+        finally:
+            self.adapter.attach(self.model)
+
+    def rollout(
+        self, prompts: Sequence[Sequence[int]], keys: Sequence[int] | None = None
+    ) -> Rollout:
+        """K responses per prompt from the current policy, scored and with their log-probs;
+        `keys[i]` names prompt i to the reward (default: i)."""
         k = self.config.k
+        keys = list(range(len(prompts))) if keys is None else list(keys)
         asked = [list(p) for p in prompts for _ in range(k)]
-        params = SamplingParams(
-            max_tokens=self.config.max_tokens,
-            temperature=self.config.temperature,
-            seed=self.seed * 100_003 + self.iteration,
-        )
+        requests = [
+            (
+                ids,
+                SamplingParams(
+                    max_tokens=self.config.max_tokens,
+                    temperature=self.config.temperature,
+                    seed=(self.seed * 100_003 + self.iteration) * 10_007 + row,
+                ),
+                None,
+            )
+            for row, ids in enumerate(asked)
+        ]
         with torch.no_grad():
-            done = self.engine.generate(asked, params)
-        rewards = torch.tensor(
-            [self.reward(i // k, c.token_ids, c.text) for i, c in enumerate(done)]
-        )
+            done = generate_continuously(self.engine, requests, max_batch=self.config.max_batch)
+        rewards = torch.tensor([self.reward(keys[i // k], c) for i, c in enumerate(done)])
         pad = self.engine.tokenizer.eos_id or 0
         sequences = [p + c.token_ids for p, c in zip(asked, done, strict=True)]
         width = max(len(s) for s in sequences) - 1
@@ -116,25 +160,23 @@ class PolicyTrainer:
             inputs[row, : len(seq) - 1] = torch.tensor(seq[:-1])
             targets[row, : len(seq) - 1] = torch.tensor(seq[1:])
             mask[row, len(prompt) - 1 : len(seq) - 1] = 1.0
-        with torch.no_grad():
-            old_logits = self._logits(inputs)
-            self.reference.attach(self.model)
-            reference = sequence_logprob(self._logits(inputs), targets, mask)
-            self.adapter.attach(self.model)
+        old_adapter = self.adapter.to(torch.float32)
         return Rollout(
             inputs,
             targets,
             mask,
             rewards,
-            old_logits,
-            sequence_logprob(old_logits, targets, mask),
-            reference,
+            self._logprob(old_adapter, inputs, targets, mask),
+            self._logprob(self.reference, inputs, targets, mask),
             [len(c.token_ids) for c in done],
+            old_adapter,
         )
 
-    def step(self, prompts: Sequence[Sequence[int]]) -> dict[str, float]:
+    def step(
+        self, prompts: Sequence[Sequence[int]], keys: Sequence[int] | None = None
+    ) -> dict[str, float]:
         """One iteration: a rollout batch, then `updates` gradient steps on it."""
-        return self.update(self.rollout(prompts))
+        return self.update(self.rollout(prompts, keys))
 
     def advantages(self, rollout: Rollout) -> torch.Tensor:
         """Leave-one-out advantages of the KL-penalised rewards, per response."""
@@ -144,27 +186,47 @@ class PolicyTrainer:
         )
         return leave_one_out_advantage(shaped.view(-1, config.k)).view(-1)
 
+    def _micro_loss(
+        self, rollout: Rollout, rows: slice, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """The objective on some rows (as their share of the batch mean), and their KL to the
+        rollout policy summed."""
+        inputs, targets, mask = rollout.inputs[rows], rollout.targets[rows], rollout.mask[rows]
+        share = inputs.shape[0] / rollout.inputs.shape[0]
+        if self.config.algo == "mdloo":
+            with torch.no_grad():
+                rollout.old_adapter.attach(self.model)
+                old_logits = self._logits(inputs)
+                self.adapter.attach(self.model)
+            loss, stats = mdpo_loss(
+                self._logits(inputs),
+                old_logits,
+                targets,
+                mask,
+                advantages[rows],
+                self.config.step_size,
+            )
+            return loss * share, stats["kl_to_old"] * inputs.shape[0]
+        logprob = sequence_logprob(self._logits(inputs), targets, mask)
+        loss = rloo_clipped_loss(
+            logprob, rollout.old_logprob[rows], advantages[rows], self.config.clip
+        )
+        return loss * share, float((rollout.old_logprob[rows] - logprob.detach()).sum())
+
     def update(self, rollout: Rollout) -> dict[str, float]:
         """`updates` gradient steps of the configured algorithm on one rollout batch."""
         config = self.config
         advantages = self.advantages(rollout)
-        stats: dict[str, float] = {}
+        n = rollout.inputs.shape[0]
+        total, kl_to_old = 0.0, 0.0
         for _ in range(config.updates):
-            logits = self._logits(rollout.inputs)
-            if config.algo == "mdloo":
-                loss, stats = mdpo_loss(
-                    logits,
-                    rollout.old_logits,
-                    rollout.targets,
-                    rollout.mask,
-                    advantages,
-                    config.step_size,
-                )
-            else:
-                logprob = sequence_logprob(logits, rollout.targets, rollout.mask)
-                loss = rloo_clipped_loss(logprob, rollout.old_logprob, advantages, config.clip)
             self.optimizer.zero_grad()
-            loss.backward()
+            total, kl_to_old = 0.0, 0.0
+            for rows in self._micro(n):
+                loss, kl = self._micro_loss(rollout, rows, advantages)
+                loss.backward()
+                total, kl_to_old = total + float(loss.detach()), kl_to_old + kl
+            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), config.max_grad_norm)
             self.optimizer.step()
         self.iteration += 1
         lengths = torch.tensor(rollout.lengths, dtype=torch.float32)
@@ -172,8 +234,8 @@ class PolicyTrainer:
             "iteration": float(self.iteration),
             "reward": float(rollout.rewards.mean()),
             "kl_to_reference": float((rollout.old_logprob - rollout.reference_logprob).mean()),
-            "kl_to_old": stats.get("kl_to_old", float("nan")),
+            "kl_to_old": kl_to_old / n,
             "length": float(lengths.mean()),
             "empty_rate": float((lengths == 0).float().mean()),
-            "loss": float(loss.detach()),
+            "loss": total,
         }

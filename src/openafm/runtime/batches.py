@@ -48,3 +48,44 @@ def greedy_chat_responses(
     )
     decoding = {"temperature": 0.0, "max_tokens": max_tokens, "chat_template": True}
     return done, decoding
+
+
+def generate_continuously(
+    engine: Engine,
+    requests: Sequence[tuple[Sequence[int], SamplingParams, str | None]],
+    *,
+    max_batch: int = 16,
+    on_done: Callable[[int, Completion], None] | None = None,
+) -> list[Completion]:
+    """Completions of (prompt ids, params, adapter) requests through a continuous batch: a row
+    that stops is refilled at once, so answers of very different lengths waste no decode steps.
+    Each request's output is what `engine.generate` gives it alone (its own seed, adapter and
+    stops); `on_done(index, completion)` as each finishes."""
+    from openafm.runtime.continuous import ContinuousBatcher
+
+    longest = max((len(p) + params.max_tokens for p, params, _ in requests), default=1)
+    batcher = ContinuousBatcher(
+        engine, max_batch=max_batch, max_queue=len(requests), cache_len=longest
+    )
+    out: list[Completion | None] = [None] * len(requests)
+    errors: list[BaseException] = []
+
+    def sink_for(index: int) -> Callable[[object], None]:
+        def sink(event: object) -> None:
+            if isinstance(event, BaseException):
+                errors.append(event)
+            elif isinstance(event, Completion):
+                out[index] = event
+                if on_done is not None:
+                    on_done(index, event)
+
+        return sink
+
+    for index, (prompt, params, adapter) in enumerate(requests):
+        batcher.submit(prompt, params, sink_for(index), adapter=adapter)
+    while batcher.step():
+        if errors:
+            batcher.cancel_all()
+    if errors:
+        raise errors[0]
+    return [c for c in out if c is not None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -69,6 +70,10 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary, merges and special tokens: equal means same ids."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) are parsed."""

@@ -1,0 +1,270 @@
+"""Post-training stages on a tiny model: preference files, the reward model's fit, save/load and
+refusals, the committee's sampling (resumable, deterministic) and best-of-N report, the RL run
+(resume equals an uninterrupted run; micro-batched updates equal one batch) and the guarded
+verifiable reward; the CLI refuses bad settings before any work."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from openafm.cli.main import app
+from openafm.eval.ifeval import IFEvalPrompt
+from openafm.posttrain.committee import (
+    Candidate,
+    Member,
+    best_of_n_report,
+    constraint_pairs,
+    pick_best,
+    sample_committee,
+)
+from openafm.posttrain.constraint_prompts import guarded_reward
+from openafm.posttrain.preferences import PreferenceDataError, PreferencePair, read_preferences
+from openafm.posttrain.reward_model import RewardModel
+from openafm.posttrain.reward_training import (
+    PairFeatures,
+    RewardModelError,
+    RewardTrainConfig,
+    cross_validate,
+    length_accuracy,
+    load_reward_model,
+    pairwise_accuracy,
+    save_reward_model,
+    train_heads,
+)
+from tests.conftest import byte_tokenizer, make_tiny
+
+HH = {
+    "chosen": "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that.",
+    "rejected": "\n\nHuman: How do I pick a lock?\n\nAssistant: Use a tension wrench.",
+}
+
+
+def test_preference_files_are_read_in_both_layouts(tmp_path):
+    path = tmp_path / "prefs.jsonl.gz"
+    own = {
+        "prompt": "Say hi.",
+        "chosen": "hi",
+        "rejected": "no",
+        "strength": "slightly_better",
+        "chosen_grades": {"verbosity": 1},
+    }
+    divergent = dict(HH, rejected="\n\nHuman: Other?\n\nAssistant: x")
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in (HH, own, divergent)) + "\n")
+    first, second = read_preferences(path)  # the divergent pair is left out
+    assert first.prompt == (("user", "How do I pick a lock?"),)
+    assert (first.chosen, first.rejected, first.p) == (
+        "I can't help with that.",
+        "Use a tension wrench.",
+        1.0,
+    )
+    assert second.p == 0.75 and second.chosen_grades == (-1, 1, -1, -1)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "holds no preference pairs"),
+        ('{"chosen": "x"}\n', ":1: missing field"),
+        ("not json\n", ":1:"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "strength": "huge"}\n', "strength"),
+        ('{"chosen": "plain", "rejected": "text"}\n', "transcript"),
+    ],
+)
+def test_a_bad_preference_file_gets_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(PreferenceDataError, match=message):
+        read_preferences(path)
+
+
+def _separable(n: int, dim: int, seed: int = 0) -> PairFeatures:
+    """Features where the chosen answer is better along one direction, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(dim, generator=g)
+    base = torch.randn(n, dim, generator=g)
+    chosen = base + 0.5 * direction + 0.3 * torch.randn(n, dim, generator=g)
+    rejected = base - 0.5 * direction + 0.3 * torch.randn(n, dim, generator=g)
+    none = torch.full((n, 4), -1)
+    return PairFeatures(chosen, rejected, torch.ones(n), none, none)
+
+
+def test_the_heads_learn_a_separable_preference_and_generalise():
+    model = make_tiny()
+    features = _separable(200, model.config.dim)
+    held_out = features.subset(range(150, 200))
+    reward_model = RewardModel(model)
+    train_heads(reward_model, features.subset(range(150)), RewardTrainConfig(steps=200))
+    assert pairwise_accuracy(reward_model, held_out) > 0.9
+    flipped = PairFeatures(
+        features.rejected,
+        features.chosen,
+        features.p,
+        features.rejected_grades,
+        features.chosen_grades,
+    )  # the labels, not the initial head, decide what is learned
+    reward_model = RewardModel(model)
+    train_heads(reward_model, flipped.subset(range(150)), RewardTrainConfig(steps=200))
+    assert pairwise_accuracy(reward_model, held_out) < 0.1
+
+
+def test_the_length_judge_and_cross_validation_by_hand():
+    assert length_accuracy([10, 5, 7], [3, 9, 7], longer_wins=True) == pytest.approx(1.5 / 3)
+    assert length_accuracy([10, 5, 7], [3, 9, 7], longer_wins=False) == pytest.approx(1.5 / 3)
+    assert length_accuracy([10, 12], [3, 9], longer_wins=True) == 1.0
+    model = make_tiny()
+    features = _separable(60, model.config.dim)
+    pairs = [PreferencePair((("user", "q"),), "a", "b")] * 60
+    report = cross_validate(
+        model,
+        features,
+        pairs,
+        {"soft": RewardTrainConfig(steps=100)},
+        ([2] * 30 + [1] * 30, [1] * 60),
+        k=3,
+    )
+    assert report["soft"]["accuracy"] > 0.85
+    assert len(report["soft"]["accuracy_folds"]) == 3
+    # the longer answer wins in half the pairs, ties in the other half: 0.5 + 0.25 = 0.75
+    assert report["length_only"]["accuracy"] == pytest.approx(0.75, abs=0.1)
+
+
+def test_a_saved_reward_model_loads_only_on_its_base_and_tokenizer(tmp_path):
+    model, tokenizer = make_tiny(), byte_tokenizer()
+    reward_model = RewardModel(model)
+    meta = {"base_signature": "abc", "tokenizer": tokenizer.fingerprint(), "max_tokens": 64}
+    save_reward_model(reward_model, tmp_path / "rm", meta)
+    loaded = load_reward_model(tmp_path / "rm", model, "abc", tokenizer)
+    x = torch.randn(3, model.config.dim)
+    assert torch.equal(loaded.heads(x)[0], reward_model.heads(x)[0])
+    with pytest.raises(RewardModelError, match="another base"):
+        load_reward_model(tmp_path / "rm", model, "xyz", tokenizer)
+    with pytest.raises(RewardModelError, match="another tokenizer"):
+        load_reward_model(tmp_path / "rm", model, "abc", byte_tokenizer(vocab_size=520))
+    with pytest.raises(RewardModelError, match="not a reward model"):
+        load_reward_model(tmp_path, model, "abc", tokenizer)
+
+
+def _candidates(texts_and_finished):
+    return [
+        Candidate(0, "base", i, text, len(text), finished)
+        for i, (text, finished) in enumerate(texts_and_finished)
+    ]
+
+
+def test_best_of_n_report_by_hand():
+    first = _candidates([("a", True), ("b", True), ("c", False)])
+    second = _candidates([("d", True), ("e", True), ("f", True)])
+    # judge prefers the unfinished one in the first group (skipped), oracle truth below
+    judged = [[0.2, 0.9, 5.0], [0.1, 0.0, 0.3]]
+    truth = [[0.0, 1.0, 1.0], [1.0, 0.5, 0.0]]
+    assert pick_best(first, judged[0]) == 1
+    report = best_of_n_report([first, second], judged, truth)
+    assert report["judge_best_pass_rate"] == 0.5  # first: b passes; second: f fails
+    assert report["oracle_best_pass_rate"] == 1.0
+    assert report["random_pass_rate"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    pairs = constraint_pairs(["p", "q"], [first, second], truth)
+    assert [(p["chosen"], p["rejected"], p["strength"]) for p in pairs] == [
+        ("b", "a", "significantly_better"),
+        ("d", "f", "significantly_better"),
+    ]
+    assert pairs[0]["chosen_grades"] == {"instruction_following": 2, "verbosity": 0}
+
+
+def _engine():
+    from openafm.runtime import Engine
+
+    return Engine(make_tiny(seed=3), byte_tokenizer(), tune_threads=False)
+
+
+def test_committee_sampling_resumes_from_its_store_and_draws_the_same_answers(tmp_path):
+    engine = _engine()
+    prompts = ["one", "two", "three"]
+    members = [Member.parse("base"), Member.parse("again=base")]
+    store = tmp_path / "samples.jsonl"
+    kwargs = dict(max_tokens=6, temperature=1.0, seed=5, max_batch=4)
+    whole = sample_committee(engine, prompts, members, 2, **kwargs)
+    assert [len(g) for g in whole] == [4, 4, 4]
+    assert len({c.text for g in whole for c in g}) > 3  # sampled, not greedy copies
+    partial = sample_committee(engine, prompts[:1], members, 2, store=store, **kwargs)
+    assert partial[0] == whole[0]
+    with store.open("a") as f:
+        f.write('{"prompt": 1, "memb')  # a line torn by a kill
+    seen = []
+    resumed = sample_committee(
+        engine, prompts, members, 2, store=store, on_prompt=seen.append, **kwargs
+    )
+    assert resumed == whole and sum(seen) == 3
+
+
+def test_the_guarded_reward_floors_short_answers_and_penalises_no_end():
+    lower = IFEvalPrompt(1, "x", ("change_case:english_lowercase",), ({},))
+    long_lower = "this answer is entirely lower case and long enough"
+    assert guarded_reward(lower, long_lower, True) == 1.0
+    assert guarded_reward(lower, "ok", True) == 0.0  # too short to count
+    assert guarded_reward(lower, long_lower, False) == 0.5
+    capped = IFEvalPrompt(
+        2, "x", ("length_constraints:number_words",), ({"relation": "less than", "num_words": 5},)
+    )
+    assert guarded_reward(capped, "Two words", True) == 1.0
+
+
+def _rl_trainer(micro_batch: int = 4):
+    from tests.test_posttrain import _trainer
+
+    trainer, prompts = _trainer("mdloo", k=4, max_tokens=3)
+    trainer.config = type(trainer.config)(**{**trainer.config.__dict__, "micro_batch": micro_batch})
+    return trainer, prompts
+
+
+def test_a_micro_batched_update_equals_the_whole_batch_update():
+    steps = []
+    for micro in (1, 16):
+        trainer, prompts = _rl_trainer(micro)
+        trainer.step(prompts)
+        steps.append(torch.cat([t.detach().flatten() for t in trainer.adapter.parameters()]))
+    assert torch.allclose(steps[0], steps[1], atol=1e-5)
+
+
+def test_an_rl_run_resumed_after_a_stop_ends_where_an_uninterrupted_run_ends(tmp_path):
+    from openafm.posttrain.rl_run import RLRun, RunMismatchError, run_rl
+
+    straight, prompts = _rl_trainer()
+    full = run_rl(straight, prompts, RLRun(tmp_path / "a", 3, 2), settings_key="k")
+    first, _ = _rl_trainer()
+    run_rl(first, prompts, RLRun(tmp_path / "b", 2, 2), settings_key="k")
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"iteration": 3, "rew')  # torn by a kill
+    second, _ = _rl_trainer()
+    resumed = run_rl(second, prompts, RLRun(tmp_path / "b", 3, 2), settings_key="k")
+    for a, b in zip(straight.adapter.parameters(), second.adapter.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert [r["reward"] for r in resumed] == [r["reward"] for r in full]
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(RunMismatchError, match="other settings"):
+        run_rl(_rl_trainer()[0], prompts, RLRun(tmp_path / "b", 4, 2), settings_key="other")
+
+
+def test_the_cli_refuses_bad_settings_in_one_line_before_any_work(tmp_path):
+    runner = CliRunner()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        json.dumps({"key": 1, "prompt": "hi", "instruction_id_list": [], "kwargs": []}) + "\n"
+    )
+    result = runner.invoke(
+        app, ["posttrain", "rl", "--prompts", str(prompts), "--name", "x", "--k", "1"]
+    )
+    assert result.exit_code == 1 and "k >= 2" in result.output
+    assert "Traceback" not in result.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = runner.invoke(
+        app, ["posttrain", "rm", "train", "--data", str(empty), "--out", str(tmp_path / "rm")]
+    )
+    assert result.exit_code == 1 and "no preference pairs" in result.output
+    assert not (tmp_path / "rm").exists()
