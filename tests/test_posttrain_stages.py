@@ -246,6 +246,9 @@ def test_an_rl_run_resumed_after_a_stop_ends_where_an_uninterrupted_run_ends(tmp
         assert torch.allclose(a, b, atol=1e-6)
     assert [r["reward"] for r in resumed] == [r["reward"] for r in full]
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
+    plotted = CliRunner().invoke(app, ["train", "plot", str(tmp_path / "b")])
+    assert plotted.exit_code == 0, plotted.output
+    assert (tmp_path / "b" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(RunMismatchError, match="other settings"):
         run_rl(_rl_trainer()[0], prompts, RLRun(tmp_path / "b", 4, 2), settings_key="other")
 
@@ -268,3 +271,50 @@ def test_the_cli_refuses_bad_settings_in_one_line_before_any_work(tmp_path):
     )
     assert result.exit_code == 1 and "no preference pairs" in result.output
     assert not (tmp_path / "rm").exists()
+
+
+def _one_distributed_step(rank: int, world: int, out: str) -> None:
+    torch.set_num_threads(1)
+    trainer, prompts = _rl_trainer(micro_batch=2)
+    stats = trainer.step(prompts)
+    if rank == 0:
+        params = [t.detach() for t in trainer.adapter.parameters()]
+        torch.save({"params": params, "stats": stats}, out)
+
+
+def test_one_rl_step_in_two_gloo_processes_equals_the_single_process_step(tmp_path):
+    from tests.distributed import run_processes
+
+    single, prompts = _rl_trainer(micro_batch=2)
+    stats = single.step(prompts)
+    run_processes(2, _one_distributed_step, str(tmp_path / "rank0.pt"))
+    saved = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    for a, b in zip(single.adapter.parameters(), saved["params"], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)  # steps are ~1e-2; sums differ in order only
+    assert saved["stats"]["reward"] == stats["reward"]
+    assert saved["stats"]["kl_to_old"] == pytest.approx(stats["kl_to_old"], abs=1e-6)
+
+
+def test_mcnemar_and_the_paired_comparison_by_hand():
+    from openafm.eval.paired import compare, mcnemar_exact
+
+    before = [False] * 8 + [True] * 2 + [True] * 5
+    after = [True] * 8 + [False] * 2 + [True] * 5
+    test = mcnemar_exact(before, after)
+    # 8 gained, 2 lost: p = 2 · (C(10,0) + C(10,1) + C(10,2)) / 2^10
+    assert (test["gained"], test["lost"]) == (8, 2)
+    assert test["p_value"] == pytest.approx(2 * 56 / 1024)
+    rows_before = [
+        {"key": i, "strict": [b, True], "loose": [True, True]} for i, b in enumerate(before)
+    ]
+    rows_after = [
+        {"key": i, "strict": [a, True], "loose": [True, True]} for i, a in enumerate(after)
+    ]
+    prompt = compare(rows_before, rows_after, "prompt_strict")
+    assert prompt["difference"] == pytest.approx(6 / 15)
+    low, high = prompt["difference_ci"]
+    assert low < 6 / 15 < high
+    instruction = compare(rows_before, rows_after, "instruction_strict")
+    assert instruction["difference"] == pytest.approx(6 / 30) and "mcnemar" not in instruction
+    with pytest.raises(ValueError, match="share no prompt"):
+        compare(rows_before, [{"key": 99, "strict": [True], "loose": [True]}], "prompt_strict")

@@ -218,3 +218,41 @@ app.command("ifeval")(eval_suites.ifeval_cmd)
 app.command("safety")(eval_suites.safety_cmd)
 app.command("injection")(eval_suites.injection_cmd)
 app.command("report")(eval_suites.report_cmd)
+
+
+@app.command("compare")
+def compare_cmd(
+    before: Annotated[
+        Path, typer.Argument(help="Per-example rows of the baseline (--predictions).")
+    ],
+    after: Annotated[Path, typer.Argument(help="Per-example rows of the variant to compare.")],
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="prompt_strict, prompt_loose, instruction_strict, instruction_loose (IFEval) or refusal (safety)."
+        ),
+    ] = "prompt_strict",
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Paired comparison on the prompts both files hold: the difference with a prompt-clustered
+    95% bootstrap interval, McNemar's exact test and the smallest detectable difference."""
+    from openafm.eval.paired import compare
+
+    with user_errors():
+        result = compare(_read_records(before, None), _read_records(after, None), metric)
+        if json_output:
+            print_json(result)
+            return
+        low, high = result["difference_ci"]  # type: ignore[misc]
+        line = (
+            f"{metric}: {100 * result['before']:.1f}% → {100 * result['after']:.1f}%"  # type: ignore[operator]
+            f" ({100 * result['difference']:+.1f} points, 95% CI {100 * low:+.1f} to {100 * high:+.1f};"  # type: ignore[operator]
+            f" {result['prompts']} prompts)"
+        )
+        if "mcnemar" in result:
+            test = result["mcnemar"]
+            line += (
+                f"; McNemar p = {test['p_value']:.3g} ({test['gained']} gained, {test['lost']} lost),"  # type: ignore[index]
+                f" smallest detectable ±{100 * result['smallest_detectable_difference']:.1f} points"  # type: ignore[operator]
+            )
+        print(line)

@@ -239,8 +239,13 @@ def plot(
         Path | None, typer.Option(help="PNG path (one run: RUN_DIR/curves.png by default).")
     ] = None,
 ) -> None:
-    """Draw a run's loss and throughput curves to a PNG, or several runs' side by side."""
+    """Draw a run's loss and throughput curves to a PNG, or several runs' side by side (RL runs
+    of `afm posttrain rl`: reward, KL to reference and old policy, length, empty rate)."""
+    from openafm.posttrain.plot import is_rl_run, plot_rl_runs
     from openafm.train.plot import plot_runs
 
     with user_errors():
-        print(plot_runs(run_dirs, out))
+        if run_dirs and is_rl_run(run_dirs[0]):
+            print(plot_rl_runs(run_dirs, out))
+        else:
+            print(plot_runs(run_dirs, out))

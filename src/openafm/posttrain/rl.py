@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from openafm.adapters import LoraAdapter
 from openafm.model import Transformer
@@ -78,9 +79,20 @@ class Rollout:
     old_adapter: LoraAdapter
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class PolicyTrainer:
     """Trains `adapter` (attached to `model`) against `reward`; the reference is `reference`,
-    or the adapter as it was when training began."""
+    or the adapter as it was when training began.
+
+    In a process group (data parallel, e.g. under torchrun), each rank samples its share of
+    the prompts, the answers are gathered, each rank computes the gradient of its share of
+    the micro-batches and the gradients are summed: one step equals the single-process step.
+    """
 
     def __init__(
         self,
@@ -147,8 +159,20 @@ class PolicyTrainer:
             )
             for row, ids in enumerate(asked)
         ]
+        rank, world = _rank_and_world()
+        mine = [row for row in range(len(requests)) if (row // k) % world == rank]
         with torch.no_grad():
-            done = generate_continuously(self.engine, requests, max_batch=self.config.max_batch)
+            answers = generate_continuously(
+                self.engine, [requests[row] for row in mine], max_batch=self.config.max_batch
+            )
+        done = [None] * len(requests)
+        shares: list[list[tuple[int, Completion]]] = [list(zip(mine, answers, strict=True))]
+        if world > 1:
+            shares = [[] for _ in range(world)]
+            dist.all_gather_object(shares, list(zip(mine, answers, strict=True)))
+        for share in shares:
+            for row, completion in share:
+                done[row] = completion
         rewards = torch.tensor([self.reward(keys[i // k], c) for i, c in enumerate(done)])
         pad = self.engine.tokenizer.eos_id or 0
         sequences = [p + c.token_ids for p, c in zip(asked, done, strict=True)]
@@ -218,16 +242,24 @@ class PolicyTrainer:
         config = self.config
         advantages = self.advantages(rollout)
         n = rollout.inputs.shape[0]
-        total, kl_to_old = 0.0, 0.0
+        rank, world = _rank_and_world()
+        totals = torch.zeros(2)
         for _ in range(config.updates):
             self.optimizer.zero_grad()
-            total, kl_to_old = 0.0, 0.0
-            for rows in self._micro(n):
+            totals = torch.zeros(2)  # the objective and the summed KL to the rollout policy
+            for rows in self._micro(n)[rank::world]:
                 loss, kl = self._micro_loss(rollout, rows, advantages)
                 loss.backward()
-                total, kl_to_old = total + float(loss.detach()), kl_to_old + kl
+                totals += torch.tensor([float(loss.detach()), kl])
+            if world > 1:
+                for p in self.adapter.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                dist.all_reduce(totals)
             torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), config.max_grad_norm)
             self.optimizer.step()
+        total, kl_to_old = float(totals[0]), float(totals[1])
         self.iteration += 1
         lengths = torch.tensor(rollout.lengths, dtype=torch.float32)
         return {
