@@ -318,3 +318,47 @@ def test_mcnemar_and_the_paired_comparison_by_hand():
     assert instruction["difference"] == pytest.approx(6 / 30) and "mcnemar" not in instruction
     with pytest.raises(ValueError, match="share no prompt"):
         compare(rows_before, [{"key": 99, "strict": [True], "loose": [True]}], "prompt_strict")
+
+
+def _constraint_file(path):
+    rows = [
+        {
+            "key": i,
+            "prompt": f"Say something about {topic}.",
+            "instruction_id_list": ["change_case:english_lowercase"],
+            "kwargs": [{}],
+        }
+        for i, topic in enumerate(["rain", "tea", "maps"], 1)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rs_and_rl_commands_run_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
+    runner = CliRunner()
+    prompts = _constraint_file(tmp_path / "prompts.jsonl")
+    common = ["--model", str(tiny_dir), "--prompts", str(prompts)]
+    refused = runner.invoke(
+        app, ["posttrain", "rs", *common, "--out-dir", str(tmp_path / "x"), "--member", "nosuch"]
+    )
+    assert refused.exit_code == 1 and "unknown adapter" in refused.output
+    assert not (tmp_path / "x" / "samples.jsonl").exists()
+    rs = runner.invoke(
+        app,
+        ["posttrain", "rs", *common, "--out-dir", str(tmp_path / "rs"), "--k", "2",
+         "--max-tokens", "6", "--json"],
+    )  # fmt: skip
+    assert rs.exit_code == 0, rs.output
+    report = json.loads(rs.output.strip().splitlines()[-1])
+    assert report["prompts"] == 3 and report["k"] == 2
+    assert 0 <= report["random_pass_rate"] <= report["oracle_best_pass_rate"] <= 1
+    assert len((tmp_path / "rs" / "samples.jsonl").read_text().splitlines()) == 6
+    rl_args = ["posttrain", "rl", *common, "--name", "tiny-policy", "--iterations", "2",
+               "--prompts-per-iteration", "2", "--k", "2", "--max-tokens", "4",
+               "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "policy"), "--json"]  # fmt: skip
+    first = runner.invoke(app, rl_args)
+    assert first.exit_code == 0, first.output
+    assert json.loads((tmp_path / "policy" / "adapter.json").read_text())["name"] == "tiny-policy"
+    again = runner.invoke(app, rl_args)  # already complete: resumes, runs nothing more
+    assert again.exit_code == 0, again.output
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
