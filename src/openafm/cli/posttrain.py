@@ -241,7 +241,8 @@ def rs(
     reward_model: Annotated[
         Path | None,
         typer.Option(
-            help="Judge with this reward model (default: the verifiable constraint reward)."
+            help="Judge with this reward model (default: the verifiable constraint reward,"
+            " guarded: under 8 words scores 0 unless length is capped)."
         ),
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="New tokens per sample.")] = 256,
@@ -266,7 +267,7 @@ def rs(
         sample_committee,
         winner_conversations,
     )
-    from openafm.posttrain.constraint_prompts import constraint_reward
+    from openafm.posttrain.constraint_prompts import constraint_reward, guarded_reward
 
     with user_errors():
         asked = ifeval.read_prompts(prompts_file)[:limit]
@@ -299,10 +300,9 @@ def rs(
                 store=out_dir / "samples.jsonl",
                 on_prompt=advance,
             )
-        truth = [
-            [constraint_reward(p, c.text) for c in g] for p, g in zip(asked, groups, strict=True)
-        ]
-        judged = truth
+        pairs_of = list(zip(asked, groups, strict=True))
+        truth = [[constraint_reward(p, c.text) for c in g] for p, g in pairs_of]
+        judged = [[guarded_reward(p, c.text, c.finished) for c in g] for p, g in pairs_of]
         if judge is not None:
             from openafm.posttrain.reward_training import score_answers
 
@@ -320,7 +320,7 @@ def rs(
             texts, groups, judged, min_score=min_score if judge is None else float("-inf")
         )
         report |= {
-            "judge": str(reward_model) if reward_model else "verifiable constraint reward",
+            "judge": str(reward_model) if reward_model else "guarded verifiable constraint reward",
             "members": [asdict(m) for m in members],
             "k": k,
             "winners": len(winners),
