@@ -362,3 +362,32 @@ def test_rs_and_rl_commands_run_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
     again = runner.invoke(app, rl_args)  # already complete: resumes, runs nothing more
     assert again.exit_code == 0, again.output
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_prompts_command_writes_disjoint_decontaminated_sets_ifeval_can_read(tmp_path):
+    from openafm.eval import ifeval
+    from tests.conftest import FIXTURES
+
+    seeds = FIXTURES / "sft" / "self_instruct_seed_tasks_head40.jsonl"
+    evaluation = FIXTURES / "ifeval" / "input_data.jsonl"
+    first_ifeval = json.loads(evaluation.read_text().splitlines()[0])["prompt"]
+    copied = tmp_path / "copied.json"  # an instruction copied from IFEval must be dropped
+    copied.write_text(json.dumps([{"instruction": first_ifeval}]))
+    result = CliRunner().invoke(
+        app,
+        ["posttrain", "prompts", "--instructions", str(seeds), "--instructions", str(copied),
+         "--ifeval", str(evaluation), "--out-dir", str(tmp_path), "--train", "30",
+         "--heldout", "10"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    train = ifeval.read_prompts(tmp_path / "train_prompts.jsonl")
+    heldout = ifeval.read_prompts(tmp_path / "heldout_prompts.jsonl")
+    assert (len(train), len(heldout)) == (30, 10)
+    seed_texts = [json.loads(line)["instruction"] for line in seeds.read_text().splitlines()]
+
+    def base_of(prompt: str) -> str:
+        return next(s for s in seed_texts if prompt.startswith(s.strip()))
+
+    assert not {base_of(p.prompt) for p in train} & {base_of(p.prompt) for p in heldout}
+    assert all(first_ifeval[:60] not in p.prompt for p in train + heldout)
+    assert all(1 <= len(p.instruction_ids) <= 3 for p in train)

@@ -28,7 +28,7 @@ from openafm.cli.common import (
 from openafm.eval import ifeval
 from openafm.files import sha256_file, write_jsonl_atomic
 from openafm.io import openafm_home
-from openafm.runtime import engine_for
+from openafm.runtime import Completion, Pretrained, engine_for
 
 app = typer.Typer(
     help="Post-training: SFT, the reward model, rejection sampling with a committee, RL.",
@@ -216,7 +216,7 @@ def rm_score(
         print(f"accuracy {100 * right / len(rows):.1f}% on {len(rows)} pairs")
 
 
-def _load(model: str | None):  # type: ignore[no-untyped-def]
+def _load(model: str | None) -> Pretrained:
     with err_console.status(f"loading {model or 'the default model'}…", spinner="dots"):
         return load_named(model)
 
@@ -419,7 +419,7 @@ def rl(
             pretrained.tokenizer.encode_chat([{"role": "user", "content": p.prompt}]) for p in asked
         ]
 
-        def reward(key: int, completion) -> float:  # type: ignore[no-untyped-def]
+        def reward(key: int, completion: Completion) -> float:
             return guarded_reward(asked[key], completion.text, completion.finish_reason == "stop")
 
         settings = {
