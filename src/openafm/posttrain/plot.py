@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from openafm.train.metrics import read_metrics
+from openafm.train.plot import save_figure
 
 PANELS = (
     ("reward", "reward (share of constraints met, guarded)"),
@@ -46,9 +47,4 @@ def plot_rl_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None) 
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     axes[-1].set_xlabel("iteration (one rollout batch)")
-    fig.tight_layout()
-    tmp = out.with_name(out.name + ".partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)

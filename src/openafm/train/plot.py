@@ -6,8 +6,12 @@ import json
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from openafm.train.metrics import read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None) -> Path:
@@ -60,9 +64,16 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None) -> 
     if len(runs) > 1:
         bottom.legend(fontsize="small")
     mfu.set_ylabel("MFU (%, faint)")
+    return save_figure(fig, out, dpi=110)
+
+
+def save_figure(fig: Figure, out: Path, *, dpi: int = 100) -> Path:
+    """Lay out, write to a temporary name and rename into place (no half-written PNG)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out.with_name(out.name + ".partial.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(out)
     return out
