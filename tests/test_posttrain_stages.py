@@ -318,6 +318,18 @@ def test_mcnemar_and_the_paired_comparison_by_hand():
     assert instruction["difference"] == pytest.approx(6 / 30) and "mcnemar" not in instruction
     with pytest.raises(ValueError, match="share no prompt"):
         compare(rows_before, [{"key": 99, "strict": [True], "loose": [True]}], "prompt_strict")
+    safety_before = [
+        {"id": 1, "safe": True, "refusal": True},
+        {"id": 2, "safe": False, "refusal": False},
+    ]
+    safety_after = [
+        {"id": 1, "safe": True, "refusal": False},
+        {"id": 2, "safe": False, "refusal": True},
+    ]
+    over = compare(safety_before, safety_after, "over_refusal")
+    assert (over["prompts"], over["before"], over["after"]) == (1, 1.0, 0.0)
+    violation = compare(safety_before, safety_after, "violation")
+    assert (violation["prompts"], violation["before"], violation["after"]) == (1, 1.0, 0.0)
 
 
 def _constraint_file(path):

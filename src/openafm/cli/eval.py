@@ -229,7 +229,8 @@ def compare_cmd(
     metric: Annotated[
         str,
         typer.Option(
-            help="prompt_strict, prompt_loose, instruction_strict, instruction_loose (IFEval) or refusal (safety)."
+            help="prompt_strict, prompt_loose, instruction_strict, instruction_loose (IFEval);"
+            " refusal, over_refusal (safe prompts) or violation (harmful prompts) (safety)."
         ),
     ] = "prompt_strict",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

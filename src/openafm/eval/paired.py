@@ -14,7 +14,25 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose", "refusal")
+METRICS = (
+    "prompt_strict",
+    "prompt_loose",
+    "instruction_strict",
+    "instruction_loose",
+    "refusal",
+    "over_refusal",  # refusals of safe prompts (XSTest)
+    "violation",  # harmful prompts answered (AdvBench, HarmBench, XSTest's unsafe ones)
+)
+PER_PROMPT = ("refusal", "over_refusal", "violation")
+
+
+def _counted(row: Mapping[str, object], metric: str) -> bool:
+    """Whether the row counts for `metric` (over-refusal: safe prompts; violation: unsafe)."""
+    if metric == "over_refusal":
+        return bool(row.get("safe"))
+    if metric == "violation":
+        return not row.get("safe", False)
+    return True
 
 
 def mcnemar_exact(before: Sequence[bool], after: Sequence[bool]) -> dict[str, float]:
@@ -28,8 +46,10 @@ def mcnemar_exact(before: Sequence[bool], after: Sequence[bool]) -> dict[str, fl
 
 def outcomes(row: Mapping[str, object], metric: str) -> list[bool]:
     """The row's outcomes for `metric`: one per prompt, or one per instruction."""
-    if metric == "refusal":
+    if metric in ("refusal", "over_refusal"):
         return [bool(row["refusal"])]
+    if metric == "violation":
+        return [not row["refusal"]]
     level, _, strictness = metric.partition("_")
     followed = [bool(x) for x in row[strictness]]  # type: ignore[attr-defined]
     return [all(followed)] if level == "prompt" else followed
@@ -53,7 +73,7 @@ def compare(
         return {str(r.get("key", r.get("id"))): r for r in rows}
 
     first, second = by_key(before), by_key(after)
-    keys = [k for k in first if k in second]
+    keys = [k for k in first if k in second and _counted(first[k], metric)]
     if not keys:
         raise ValueError("the two files share no prompt (matched by 'key' or 'id')")
     pairs = [(outcomes(first[k], metric), outcomes(second[k], metric)) for k in keys]
@@ -74,7 +94,7 @@ def compare(
         "difference": float((a_sum.sum() - b_sum.sum()) / sizes.sum()),
         "difference_ci": [float(low), float(high)],
     }
-    if metric.startswith("prompt") or metric == "refusal":
+    if metric.startswith("prompt") or metric in PER_PROMPT:
         test = mcnemar_exact([b[0] for b, _ in pairs], [a[0] for _, a in pairs])
         discordant = (test["gained"] + test["lost"]) / len(keys)
         # normal approximation: d = (z_0.975 + z_0.8) · sqrt(discordant share / n)
