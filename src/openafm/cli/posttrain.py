@@ -385,7 +385,8 @@ def rl(
     """RL on a LoRA policy with the verifiable constraint reward (guarded: a length floor, a
     penalty for no end): K responses per prompt, leave-one-out advantages, μ updates per batch
     with MDLOO or RLOO. Logs reward, KL to reference and old policy, length and empty rate per
-    iteration (`afm train plot RUN_DIR`); rerun the same command to resume."""
+    iteration (`afm train plot RUN_DIR`); rerun the same command to resume, or with more
+    --iterations to extend the run."""
     from openafm.posttrain.constraint_prompts import guarded_reward
     from openafm.posttrain.rl import PolicyTrainer, RLConfig
     from openafm.posttrain.rl_run import RLRun, run_rl
@@ -423,7 +424,7 @@ def rl(
             return guarded_reward(asked[key], completion.text, completion.finish_reason == "stop")
 
         settings = {
-            "config": asdict(config), "run": [iterations, prompts_per_iteration, seed],
+            "config": asdict(config), "run": [prompts_per_iteration, seed],
             "prompts": sha256_file(prompts_file), "init_from": init_from, "base": signature,
         }  # fmt: skip
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
