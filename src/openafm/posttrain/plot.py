@@ -10,11 +10,11 @@ from openafm.train.metrics import read_metrics
 from openafm.train.plot import save_figure
 
 PANELS = (
-    ("reward", "reward (share of constraints met, guarded)"),
-    ("kl_to_reference", "KL to the reference (nats/answer)"),
-    ("kl_to_old", "KL to the rollout policy (last update)"),
-    ("length", "answer length (tokens)"),
-    ("empty_rate", "empty answers (share)"),
+    ("reward", "mean reward"),
+    ("kl_to_reference", "KL to reference\n(nats/answer)"),
+    ("kl_to_old", "KL to rollout\npolicy"),
+    ("length", "length (tokens)"),
+    ("empty_rate", "empty answers"),
 )
 
 
