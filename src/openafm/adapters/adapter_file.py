@@ -61,14 +61,15 @@ def save_adapter(
         for path in (tmp / WEIGHTS_FILE, tmp / META_FILE):
             path.chmod(0o644)
         tmp.chmod(0o755)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` where `target` is, replacing it with two renames."""
     if target.exists():
         old = target.with_name(f".{target.name}-old-{os.getpid()}")
         os.replace(target, old)

@@ -165,7 +165,8 @@ def settings_key(config: TrainConfig, adapter: LoraAdapter, data_checksum: str) 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _save_checkpoint(path: Path, state: dict[str, object]) -> None:
+def save_checkpoint(path: Path, state: dict[str, object]) -> None:
+    """`torch.save` to a temporary name, renamed into place (a kill leaves the old file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -275,7 +276,7 @@ def train_adapter(
             metrics.write(json.dumps(asdict(report)) + "\n")
             metrics.flush()
             if step % config.checkpoint_every == 0 or step == config.steps:
-                _save_checkpoint(
+                save_checkpoint(
                     checkpoint_path,
                     {
                         "settings_key": key,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from openafm.adapters.adapter_file import replace_dir
+from openafm.adapters.trainer import save_checkpoint
 from openafm.model import Transformer
 from openafm.posttrain.losses import grading_loss, soft_ranking_loss
 from openafm.posttrain.preferences import Messages, PreferencePair
@@ -111,9 +113,7 @@ def last_hidden_states(
                 on_done(len(rows))
         if stored is not None:
             stored.parent.mkdir(parents=True, exist_ok=True)
-            tmp = stored.with_suffix(".tmp")
-            torch.save(features, tmp)
-            os.replace(tmp, stored)
+            save_checkpoint(stored, features)
         out.append(features)
     return torch.cat(out) if out else torch.empty(0, model.config.dim)
 
@@ -267,22 +267,20 @@ def _summary(values: dict[str, list[float]]) -> dict[str, object]:
 def save_reward_model(model: RewardModel, directory: Path, meta: dict[str, object]) -> None:
     """The heads (safetensors) and `reward_model.json`, written to a temporary directory and
     renamed into place."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     state = {
         k: v.detach().contiguous()
         for k, v in model.state_dict().items()
         if not k.startswith("backbone.")
     }
-    save_file(state, str(tmp / HEADS_FILE))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    try:
+        save_file(state, str(tmp / HEADS_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_reward_model(

@@ -5,7 +5,6 @@ same command after a kill continues where it stopped and draws the same rollouts
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from openafm.adapters.trainer import save_checkpoint
 from openafm.posttrain.rl import PolicyTrainer
 
 CHECKPOINT = "checkpoint.pt"
@@ -43,12 +43,6 @@ def prompt_batches(n: int, per_batch: int, iteration: int, seed: int) -> list[in
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order[index * per_batch : (index + 1) * per_batch]
-
-
-def _save(path: Path, state: dict[str, object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def _resume(trainer: PolicyTrainer, run_dir: Path, key: str) -> list[dict[str, float]]:
@@ -103,7 +97,7 @@ def run_rl(
             start = time.perf_counter()
             stats = trainer.step([prompts[k] for k in keys], keys)
             stats["seconds"] = round(time.perf_counter() - start, 2)
-            _save(
+            save_checkpoint(
                 run.run_dir / CHECKPOINT,
                 {
                     "settings_key": settings_key,
