@@ -118,8 +118,10 @@ def measure(threads: int, repeats: int) -> dict[str, float]:
 
 def spawn(threads: int, repeats: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", str(threads), "--repeats", str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"worker with {threads} threads failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import torch
 
 from openafm.adapters.adapter_file import check_base, load_adapter, save_adapter
 from openafm.adapters.lora import AdapterError, LoraAdapter, LoraConfig
-from openafm.adapters.sft_data import SftDataError, conversations_checksum, tokenize_all
+from openafm.adapters.sft_data import SftDataError, conversations_checksum, pack, tokenize_all
 from openafm.adapters.trainer import StepReport, TrainConfig, TrainResult, train_adapter
 from openafm.model import Transformer
 from openafm.tokenizer import Tokenizer
@@ -34,6 +34,7 @@ class SftRun:
     out_dir: Path
     run_dir: Path
     seq_len: int = 512
+    pack: bool = False  # several conversations per row of seq_len, each attending to itself
     epochs: float | None = None  # when set, overrides TrainConfig.steps
     init_from: Path | None = None
     restart: bool = False
@@ -91,12 +92,18 @@ def run_sft(
     if too_long:
         log.warning("left out %d examples longer than %d tokens", too_long, run.seq_len)
     held_out, _ = tokenize_all(tokenizer, eval_conversations, run.seq_len)
+    conversation_count = len(train)
+    checksum = conversations_checksum(conversations)
+    run_key = checksum
+    if run.pack:
+        train = pack(train, run.seq_len)
+        run_key = f"{checksum}:packed to {run.seq_len}"
+        log.info("packed %d conversations into %d rows", conversation_count, len(train))
     if run.epochs is not None:
         config = replace(config, steps=steps_for_epochs(run.epochs, len(train), config))
     adapter = initial_adapter(run, model, lora, signature, config.seed)
     if on_start is not None:
         on_start(config.steps)
-    checksum = conversations_checksum(conversations)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     result = train_adapter(
         model,
@@ -105,7 +112,7 @@ def run_sft(
         run.run_dir,
         config,
         pad_id=pad_id,
-        data_checksum=checksum,
+        data_checksum=run_key,
         eval_examples=held_out,
         on_step=on_step,
     )
@@ -115,7 +122,8 @@ def run_sft(
         "training": {
             **(provenance or {}),
             "data_checksum": checksum,
-            "examples": len(train),
+            "examples": conversation_count,
+            "packed_rows": len(train) if run.pack else None,
             "examples_too_long": too_long,
             "eval_examples": len(held_out),
             "seq_len": run.seq_len,

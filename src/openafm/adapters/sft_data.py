@@ -10,6 +10,7 @@ seed and epoch, so a resumed run sees exactly the batches an uninterrupted one w
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -30,10 +31,12 @@ class SftDataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized conversation: ids, and for each id whether it is learned."""
+    """One tokenized conversation, or several packed (`starts`: where each begins): ids, and
+    for each id whether it is learned."""
 
     ids: tuple[int, ...]
     learn: tuple[bool, ...]
+    starts: tuple[int, ...] = (0,)
 
     @property
     def n_learned(self) -> int:
@@ -121,6 +124,37 @@ def tokenize_all(
     return kept, too_long
 
 
+def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
+    """Conversations packed into rows of at most `seq_len` tokens (first fit, longest first).
+
+    Each row's conversations stay apart in attention (`segment_ids`); the order is fixed, so a
+    resumed run packs the same rows.
+    """
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e.ids)):
+        if len(example.ids) > seq_len:
+            raise ValueError(f"an example of {len(example.ids)} tokens exceeds seq_len {seq_len}")
+        row = next((r for r, free in enumerate(room) if free >= len(example.ids)), None)
+        if row is None:
+            rows.append([])
+            room.append(seq_len)
+            row = len(rows) - 1
+        rows[row].append(example)
+        room[row] -= len(example.ids)
+    packed = []
+    for parts in rows:
+        ids: tuple[int, ...] = ()
+        learn: tuple[bool, ...] = ()
+        starts = []
+        for part in parts:
+            starts.append(len(ids))
+            ids += part.ids
+            learn += part.learn
+        packed.append(Example(ids, learn, tuple(starts)))
+    return packed
+
+
 def epoch_batches(
     examples: Sequence[Example], batch_size: int, *, seed: int, epoch: int
 ) -> list[list[int]]:
@@ -151,5 +185,21 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
         tokens[row, :n] = torch.tensor(e.ids)
         target = torch.tensor(e.ids[1:])
         learned = torch.tensor(e.learn[1:])
+        for start in e.starts[1:]:  # a packed conversation is not predicted from the one before
+            learned[start - 1] = False
         labels[row, : n - 1] = torch.where(learned, target, IGNORE)
     return tokens, labels
+
+
+def segment_ids(examples: Sequence[Example]) -> torch.Tensor | None:
+    """`(batch, width)` segment numbers for packed rows (padding is a segment of its own), or
+    None when no row is packed (plain causal attention is then exact)."""
+    if all(len(e.starts) == 1 for e in examples):
+        return None
+    width = max(len(e.ids) for e in examples)
+    segments = torch.empty((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        bounds = [*e.starts, len(e.ids), width]
+        for number, (start, end) in enumerate(itertools.pairwise(bounds)):
+            segments[row, start:end] = number
+    return segments

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from openafm.adapters.lora import LoraAdapter
-from openafm.adapters.sft_data import IGNORE, Example, collate, epoch_batches
+from openafm.adapters.sft_data import IGNORE, Example, collate, epoch_batches, segment_ids
 from openafm.model import Linear, Transformer
 from openafm.model.compressed import dense_copies
 
@@ -32,8 +32,11 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
-"""`(model, tokens, labels) -> (summed loss, positions)`: what a run minimises."""
+LossFn = Callable[
+    [Transformer, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, int]
+]
+"""`(model, tokens, labels, segments) -> (summed loss, positions)`: what a run minimises.
+`segments` numbers the conversations packed into each row (None when rows are not packed)."""
 
 
 class ResumeError(ValueError):
@@ -116,7 +119,12 @@ def freeze_base(model: Transformer, *, bf16: bool) -> None:
 
 
 def answer_loss(
-    model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, *, bf16: bool
+    model: Transformer,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bf16: bool,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the learned positions only (the head runs on those alone)."""
     autocast = (
@@ -125,7 +133,7 @@ def answer_loss(
         else contextlib.nullcontext()
     )
     with autocast:
-        hidden = model.hidden_states(tokens)
+        hidden = model.hidden_states(tokens, segments=segments)
         keep = labels != IGNORE
         logits = model.output(hidden[keep]).float()
     return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
@@ -133,7 +141,9 @@ def answer_loss(
 
 def answer_loss_fn(*, bf16: bool) -> LossFn:
     """The SFT objective: next-token loss on the learned positions."""
-    return lambda model, tokens, labels: answer_loss(model, tokens, labels, bf16=bf16)
+    return lambda model, tokens, labels, segments=None: answer_loss(
+        model, tokens, labels, bf16=bf16, segments=segments
+    )
 
 
 @torch.no_grad()
@@ -151,9 +161,17 @@ def evaluate(
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     for start in range(0, len(order), batch_size):
         batch = [examples[i] for i in order[start : start + batch_size]]
-        loss, n = loss_fn(model, *(t.to(device) for t in collate(batch, pad_id)))
+        loss, n = loss_fn(model, *_batch_tensors(batch, pad_id, device))
         total, count = total + float(loss), count + n
     return total / max(count, 1)
+
+
+def _batch_tensors(
+    batch: Sequence[Example], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    tokens, labels = collate(batch, pad_id)
+    segments = segment_ids(batch)
+    return tokens.to(device), labels.to(device), None if segments is None else segments.to(device)
 
 
 def settings_key(config: TrainConfig, adapter: LoraAdapter, data_checksum: str) -> str:
@@ -247,8 +265,7 @@ def train_adapter(
             t0 = time.perf_counter()
             total = 0.0
             for batch in batches:
-                tokens, labels = (t.to(device) for t in collate(batch, pad_id))
-                loss, _ = loss_fn(model, tokens, labels)
+                loss, _ = loss_fn(model, *_batch_tensors(batch, pad_id, device))
                 (loss / max(n_learned, 1)).backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -86,11 +86,20 @@ def train(
         float | None, typer.Option(min=0.0, help="Passes over the data (instead of --steps).")
     ] = None,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW).")] = 2e-4,
-    batch_size: Annotated[int, typer.Option(min=1, help="Examples per batch.")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Examples (rows, with --pack) per batch.")
+    ] = 8,
     grad_accum: Annotated[int, typer.Option(min=1, help="Batches per optimizer step.")] = 1,
     seq_len: Annotated[
         int, typer.Option(min=8, help="Longest example in tokens (longer ones are left out).")
     ] = 512,
+    pack: Annotated[
+        bool,
+        typer.Option(
+            help="Pack several conversations into each row of --seq-len tokens; each attends"
+            " only to itself (fewer, fuller rows)."
+        ),
+    ] = False,
     warmup: Annotated[int, typer.Option(min=0, help="Warmup steps.")] = 10,
     eval_data: Annotated[
         Path | None, typer.Option(help="Held-out data (same format) for the eval loss.")
@@ -164,6 +173,7 @@ def train(
             out_dir=out or user_adapters_dir() / name,
             run_dir=run_dir or openafm_home() / "runs" / "adapters" / name,
             seq_len=seq_len,
+            pack=pack,
             epochs=epochs,
             init_from=find_adapter(init_from) if init_from else pretrained.default_adapter,
             restart=restart,

@@ -57,13 +57,19 @@ def distillation_loss(
 ) -> LossFn:
     """Summed `kl_weight·KL(teacher ‖ student) + next_token_weight·CE` over learned positions."""
 
-    def loss(student: Transformer, tokens: torch.Tensor, labels: torch.Tensor):
+    def loss(
+        student: Transformer,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        segments: torch.Tensor | None = None,
+    ):
         keep = labels != IGNORE
         autocast = torch.autocast(tokens.device.type, dtype=torch.bfloat16)
         with torch.no_grad(), autocast:
-            target = F.log_softmax(teacher.output(teacher.hidden_states(tokens)[keep]).float(), -1)
+            hidden = teacher.hidden_states(tokens, segments=segments)[keep]
+            target = F.log_softmax(teacher.output(hidden).float(), -1)
         with autocast:
-            logits = student.output(student.hidden_states(tokens)[keep]).float()
+            logits = student.output(student.hidden_states(tokens, segments=segments)[keep]).float()
         logp = F.log_softmax(logits, dim=-1)
         total = kl_weight * F.kl_div(logp, target, log_target=True, reduction="sum")
         if next_token_weight:

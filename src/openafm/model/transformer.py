@@ -22,6 +22,19 @@ from openafm.model.norm import RMSNorm
 from openafm.model.rope import RotaryEmbedding, apply_rope
 
 
+def segment_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row RoPE positions `(B, T)` restarting at each segment, and the causal mask
+    `(B, 1, T, T)` (True = attend) that keeps each segment to itself."""
+    t = segments.shape[1]
+    index = torch.arange(t, device=segments.device)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = torch.where(new, index, 0).cummax(dim=1).values
+    same = segments.unsqueeze(2) == segments.unsqueeze(1)
+    causal = index.unsqueeze(1) >= index.unsqueeze(0)
+    return index - starts, (same & causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -140,10 +153,18 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(h).float()
 
-    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The final-normed hidden states `(batch, seq, dim)`, before the output head.
 
         Training on a few positions (e.g. answer tokens) applies `output` to just those.
+        `segments` `(batch, seq)` numbers the documents packed into each row (no cache): each
+        attends only within itself, and its positions start at 0.
         """
         t = tokens.shape[1]
         if cache is None:
@@ -151,9 +172,13 @@ class Transformer(nn.Module):
                 raise ValueError(
                     f"sequence of {t} tokens exceeds max_seq_len {self.config.max_seq_len}"
                 )
-            positions = torch.arange(t, device=tokens.device)
-            mask = None
+            if segments is None:
+                positions, mask = torch.arange(t, device=tokens.device), None
+            else:
+                positions, mask = segment_layout(segments)
         else:
+            if segments is not None:
+                raise ValueError("packed segments are for training, not for a KV cache")
             cache.check_room(t)
             positions = cache.positions(t)
             mask = cache.attention_mask(t)
