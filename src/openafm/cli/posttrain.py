@@ -94,35 +94,62 @@ def rm_train(
     grade_weight: Annotated[
         float, typer.Option(min=0.0, help="λ: weight of the grading loss.")
     ] = 1.0,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the heads.")] = 300,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Optimizer steps (of the heads, or adapter and heads).")
+    ] = 300,
     lr: Annotated[float, typer.Option(min=0.0, help="Learning rate (AdamW).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 32,
+    lora_rank: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also train a LoRA adapter of this rank on the base, end to end (0: the base"
+            " stays frozen and its last-token states are cached).",
+        ),
+    ] = 0,
+    holdout: Annotated[
+        int, typer.Option(min=0, help="With --lora-rank: hold out the last N pairs for accuracy.")
+    ] = 0,
     max_tokens: Annotated[int, typer.Option(min=8, help="Tokens kept per answer (its end).")] = 512,
     max_pairs: Annotated[
         int | None, typer.Option(min=2, help="Use only the first N pairs.")
     ] = None,
     cv: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=0, help="Also report K-fold held-out accuracy against plain BT and length (0: no)."
+            min=0,
+            help="K-fold held-out accuracy against plain BT and length (frozen base; default 5,"
+            " 0: none).",
         ),
-    ] = 5,
+    ] = None,
     model: ModelOption = None,
     run_dir: Annotated[
-        Path | None, typer.Option(help="Feature cache (default: $OPENAFM_HOME/runs/rm/NAME).")
+        Path | None,
+        typer.Option(help="Feature cache or checkpoint (default: $OPENAFM_HOME/runs/rm/NAME)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the heads and batches.")] = 0,
     json_output: JsonOption = False,
 ) -> None:
-    """Train the seed's reward model (reward head + four grading heads on the frozen base's
-    last-token state; soft-label ranking loss + λ·grading loss). Rerun to resume feature
-    extraction after a kill."""
+    """Train the seed's reward model: a reward head and four grading heads on the base's
+    last-token state, with the soft-label ranking loss + λ·grading loss. The base stays frozen
+    (its states are cached, so k-fold comparisons are cheap), or learns through a LoRA adapter
+    (--lora-rank). Rerun to resume after a kill."""
+    from openafm.adapters import LoraConfig
     from openafm.posttrain.preferences import read_preferences
+    from openafm.posttrain.reward_lora import train_lora_reward_model
     from openafm.posttrain.reward_training import (
         RewardTrainConfig,
         fit_reward_model,
         save_reward_model,
     )
 
+    if lora_rank and cv:
+        raise typer.BadParameter(
+            "cross-validation needs the frozen base; with --lora-rank use --holdout",
+            param_hint="--cv",
+        )
+    if holdout and not lora_rank:
+        raise typer.BadParameter("--holdout is for --lora-rank; the frozen base uses --cv")
     with user_errors():
         pairs = read_preferences(data)[:max_pairs]
         config = RewardTrainConfig(
@@ -130,25 +157,41 @@ def rm_train(
             default_p=default_p,
             grade_weight=0.0 if plain else grade_weight,
             steps=steps,
+            batch_size=batch_size,
             lr=lr,
             max_tokens=max_tokens,
             seed=seed,
         )
         pretrained = _load(model)
+        signature = pretrained.signature()  # before training casts the base to bf16
         cache = run_dir or openafm_home() / "runs" / "rm" / out.name
-        key = hashlib.sha256(f"{sha256_file(data)}|{max_pairs}|{max_tokens}|{pretrained.signature()}".encode()).hexdigest()[:16]  # fmt: skip
-        with progress_bar("answer features", 2 * len(pairs)) as advance:
-            reward_model, report = fit_reward_model(
-                pretrained.model,
-                pretrained.tokenizer,
-                pairs,
-                config,
-                cache / key,
-                cv_folds=cv,
-                on_features=advance,
-            )
+        key = hashlib.sha256(f"{sha256_file(data)}|{max_pairs}|{max_tokens}|{signature}".encode()).hexdigest()[:16]  # fmt: skip
+        adapter = None
+        if lora_rank:
+            with progress_bar("reward model steps", config.steps) as advance:
+                reward_model, adapter, report = train_lora_reward_model(
+                    pretrained.model,
+                    pretrained.tokenizer,
+                    pairs,
+                    config,
+                    cache / f"{key}-lora",
+                    lora=LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank),
+                    holdout=holdout,
+                    on_step=lambda step, loss: advance(1),
+                )
+        else:
+            with progress_bar("answer features", 2 * len(pairs)) as advance:
+                reward_model, report = fit_reward_model(
+                    pretrained.model,
+                    pretrained.tokenizer,
+                    pairs,
+                    config,
+                    cache / key,
+                    cv_folds=5 if cv is None else cv,
+                    on_features=advance,
+                )
         meta = {
-            "base_signature": pretrained.signature(),
+            "base_signature": signature,
             "base_model": pretrained.path.name,
             "tokenizer": pretrained.tokenizer.fingerprint(),
             "grade_hidden": 256,
@@ -158,7 +201,7 @@ def rm_train(
             "command": command_line(),
             "report": report,
         }
-        save_reward_model(reward_model, out, meta)
+        save_reward_model(reward_model, out, meta, adapter)
         if json_output:
             print_json(report)
             return
@@ -167,6 +210,8 @@ def rm_train(
             if "balanced_accuracy" in figures:
                 line += f", on length-balanced pairs {100 * figures['balanced_accuracy']:.1f}%"
             print(line)
+        if "holdout_accuracy" in report:
+            print(f"held-out accuracy {100 * float(report['holdout_accuracy']):.1f}% on {holdout} pairs")  # type: ignore[arg-type]  # fmt: skip
         err_console.print(f"saved the reward model to {out}")
 
 

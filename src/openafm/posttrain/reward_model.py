@@ -37,7 +37,9 @@ class RewardModel(nn.Module):
         if int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]:
             raise ValueError("every sequence needs between 1 and the padded width of tokens")
         hidden = self.backbone.hidden_states(tokens)
-        return self.heads(hidden[torch.arange(tokens.shape[0]), lengths - 1].float())
+        last = hidden[torch.arange(tokens.shape[0]), lengths - 1].float()
+        with torch.autocast(tokens.device.type, enabled=False):  # the heads stay float32
+            return self.heads(last)
 
     def heads(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (B,) and grade logits (B, 4, 3) from last-token hidden states (B, dim)."""
@@ -71,4 +73,5 @@ def reward_model_loss(
     )
     accuracy = float((r_chosen > r_rejected).float().mean())
     loss = ranking + grade_weight * grading
-    return loss, {"ranking": float(ranking), "grading": float(grading), "accuracy": accuracy}
+    stats = {"ranking": float(ranking.detach()), "grading": float(grading.detach())}
+    return loss, {**stats, "accuracy": accuracy}

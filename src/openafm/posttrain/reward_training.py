@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from openafm.adapters import AdapterError, LoraAdapter, load_adapter, save_adapter
 from openafm.adapters.adapter_file import replace_dir
 from openafm.adapters.trainer import save_checkpoint
 from openafm.model import Transformer
@@ -29,6 +30,7 @@ from openafm.posttrain.reward_model import RewardModel
 from openafm.tokenizer import Tokenizer
 
 HEADS_FILE = "heads.safetensors"
+ADAPTER_DIR = "adapter"
 META_FILE = "reward_model.json"
 
 
@@ -66,7 +68,8 @@ def answer_ids(tokenizer: Tokenizer, prompt: Messages, answer: str, max_tokens: 
     return tokenizer.encode(text, add_bos=False)[-max_tokens:]
 
 
-def _padded(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `(tokens, lengths)`."""
     width = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), width), pad)
     for row, seq in enumerate(sequences):
@@ -105,7 +108,7 @@ def last_hidden_states(
         order = sorted(range(len(part)), key=lambda i: len(part[i]))
         for b in range(0, len(order), batch_size):
             rows = order[b : b + batch_size]
-            tokens, lengths = _padded([part[i] for i in rows], pad)
+            tokens, lengths = padded([part[i] for i in rows], pad)
             with autocast:
                 hidden = model.hidden_states(tokens.to(model.device))
             features[rows] = hidden[torch.arange(len(rows)), lengths - 1].float().cpu()
@@ -264,9 +267,14 @@ def _summary(values: dict[str, list[float]]) -> dict[str, object]:
     return out
 
 
-def save_reward_model(model: RewardModel, directory: Path, meta: dict[str, object]) -> None:
-    """The heads (safetensors) and `reward_model.json`, written to a temporary directory and
-    renamed into place."""
+def save_reward_model(
+    model: RewardModel,
+    directory: Path,
+    meta: dict[str, object],
+    adapter: LoraAdapter | None = None,
+) -> None:
+    """The heads (safetensors), `reward_model.json` and the backbone's LoRA adapter if it has
+    one (`adapter/`), written to a temporary directory and renamed into place."""
     state = {
         k: v.detach().contiguous()
         for k, v in model.state_dict().items()
@@ -276,6 +284,9 @@ def save_reward_model(model: RewardModel, directory: Path, meta: dict[str, objec
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
         save_file(state, str(tmp / HEADS_FILE))
+        if adapter is not None:
+            adapter.metadata = {**adapter.metadata, "base_signature": meta["base_signature"]}
+            save_adapter(adapter, tmp / ADAPTER_DIR)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         replace_dir(tmp, directory)
     except BaseException:
@@ -286,8 +297,8 @@ def save_reward_model(model: RewardModel, directory: Path, meta: dict[str, objec
 def load_reward_model(
     directory: Path, backbone: Transformer, signature: str, tokenizer: Tokenizer
 ) -> RewardModel:
-    """A saved reward model on `backbone`; refused when it was trained on another base or
-    another tokenizer."""
+    """A saved reward model on `backbone` (its LoRA adapter attached, if it has one); refused
+    when it was trained on another base or another tokenizer."""
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise RewardModelError(f"{directory}: no {META_FILE}; not a reward model directory")
@@ -310,6 +321,12 @@ def load_reward_model(
     missing = model.load_state_dict(state, strict=False).missing_keys
     if [k for k in missing if not k.startswith("backbone.")]:
         raise RewardModelError(f"{directory / HEADS_FILE} lacks some head weights")
+    if (directory / ADAPTER_DIR).exists():
+        try:
+            adapter = load_adapter(directory / ADAPTER_DIR)
+        except AdapterError as error:
+            raise RewardModelError(f"{directory}: {error}") from None
+        adapter.attach(backbone)
     return model
 
 
