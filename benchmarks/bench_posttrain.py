@@ -91,8 +91,13 @@ def measure(threads: int, repeats: int) -> dict[str, float]:
         "sft_step_tokens_per_s": _median_rate(sft_step, repeats),
     }
     for algo in ("mdloo", "rloo"):
-        config = RLConfig(algo=algo, k=4, max_tokens=NEW_TOKENS, bf16=True, temperature=1.0)
-        trainer = PolicyTrainer(model, tokenizer, adapter, reward, config)
+        # a fresh policy per algorithm, and a small lr: repeated updates on one batch are timed,
+        # and must not drive the policy away from what the next rollout samples from
+        policy = LoraAdapter.fresh("policy", model, LoraConfig(rank=16), seed=0)
+        config = RLConfig(
+            algo=algo, k=4, max_tokens=NEW_TOKENS, bf16=True, temperature=1.0, lr=1e-5
+        )
+        trainer = PolicyTrainer(model, tokenizer, policy, reward, config)
         batch = trainer.rollout(ids)
 
         def update(trainer=trainer, batch=batch) -> int:

@@ -253,6 +253,22 @@ def test_a_tiny_rl_run_raises_the_probability_of_the_rewarded_tokens(algo):
     assert all(h["empty_rate"] == 0 and h["length"] == 1 for h in history)
 
 
+def test_an_update_whose_ratio_overflows_is_skipped_and_leaves_the_policy_finite():
+    import dataclasses
+
+    trainer, prompts = _trainer("rloo")
+    rollout = trainer.rollout(prompts)
+    before = [t.detach().clone() for t in trainer.adapter.parameters()]
+    overflowing = dataclasses.replace(
+        rollout, old_logprob=torch.full_like(rollout.old_logprob, -1e6)
+    )
+    stats = trainer.update(overflowing)
+    assert stats["skipped_updates"] == 2
+    for a, b in zip(trainer.adapter.parameters(), before, strict=True):
+        assert torch.equal(a, b)
+    assert trainer.update(rollout)["skipped_updates"] == 0
+
+
 def test_rl_settings_are_checked_before_any_work():
     from openafm.posttrain.rl import RLConfig
 

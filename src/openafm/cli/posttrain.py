@@ -486,6 +486,11 @@ def rl(
                     f"iteration {int(stats['iteration'])}: reward {stats['reward']:.3f},"
                     f" KL(ref) {stats['kl_to_reference']:.3f}, KL(old) {stats['kl_to_old']:.4f},"
                     f" length {stats['length']:.0f}"
+                    + (
+                        f"; skipped {stats['skipped_updates']:.0f} updates whose ratio overflowed"
+                        if stats.get("skipped_updates")
+                        else ""
+                    )
                 )
 
             history = run_rl(trainer, ids, run, settings_key=key, on_iteration=on_iteration)

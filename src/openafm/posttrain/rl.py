@@ -244,6 +244,7 @@ class PolicyTrainer:
         n = rollout.inputs.shape[0]
         rank, world = _rank_and_world()
         totals = torch.zeros(2)
+        skipped = 0
         for _ in range(config.updates):
             self.optimizer.zero_grad()
             totals = torch.zeros(2)  # the objective and the summed KL to the rollout policy
@@ -257,7 +258,10 @@ class PolicyTrainer:
                         p.grad = torch.zeros_like(p)
                     dist.all_reduce(p.grad)
                 dist.all_reduce(totals)
-            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), config.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), config.max_grad_norm)
+            if not (torch.isfinite(norm) and torch.isfinite(totals[0])):
+                skipped += 1  # an overflowing ratio: this step would make the policy NaN
+                continue
             self.optimizer.step()
         total, kl_to_old = float(totals[0]), float(totals[1])
         self.iteration += 1
@@ -270,4 +274,5 @@ class PolicyTrainer:
             "length": float(lengths.mean()),
             "empty_rate": float((lengths == 0).float().mean()),
             "loss": total,
+            "skipped_updates": float(skipped),
         }
