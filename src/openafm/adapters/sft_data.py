@@ -142,17 +142,14 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
             row = len(rows) - 1
         rows[row].append(example)
         room[row] -= len(example.ids)
-    packed = []
-    for parts in rows:
-        ids: tuple[int, ...] = ()
-        learn: tuple[bool, ...] = ()
-        starts = []
-        for part in parts:
-            starts.append(len(ids))
-            ids += part.ids
-            learn += part.learn
-        packed.append(Example(ids, learn, tuple(starts)))
-    return packed
+    return [
+        Example(
+            tuple(itertools.chain.from_iterable(part.ids for part in parts)),
+            tuple(itertools.chain.from_iterable(part.learn for part in parts)),
+            tuple(itertools.accumulate((len(part.ids) for part in parts[:-1]), initial=0)),
+        )
+        for parts in rows
+    ]
 
 
 def epoch_batches(

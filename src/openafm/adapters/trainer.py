@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -174,8 +175,9 @@ def _batch_tensors(
     return tokens.to(device), labels.to(device), None if segments is None else segments.to(device)
 
 
-def settings_key(config: TrainConfig, adapter: LoraAdapter, data_checksum: str) -> str:
-    """What must match for a checkpoint to be resumed: settings, adapter shape and data."""
+def settings_key(config: Any, adapter: LoraAdapter, data_checksum: str) -> str:
+    """What must match for a checkpoint to be resumed: settings (a dataclass such as
+    `TrainConfig`), adapter shape and data."""
     blob = json.dumps(
         {"train": asdict(config), "lora": adapter.config.to_dict(), "data": data_checksum},
         sort_keys=True,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from openafm.adapters import LoraAdapter, LoraConfig
-from openafm.adapters.trainer import freeze_base, save_checkpoint
+from openafm.adapters.trainer import freeze_base, save_checkpoint, settings_key
 from openafm.model import Transformer
 from openafm.posttrain.preferences import PreferencePair
 from openafm.posttrain.reward_model import PairBatch, RewardModel, reward_model_loss
@@ -36,18 +36,14 @@ from openafm.tokenizer import Tokenizer
 CHECKPOINT = "checkpoint.pt"
 
 
-def _settings_key(config: RewardTrainConfig, lora: LoraConfig, pairs_checksum: str) -> str:
-    blob = json.dumps(
-        {"train": asdict(config), "lora": lora.to_dict(), "pairs": pairs_checksum}, sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _pairs_checksum(sequences: Sequence[Sequence[int]], p: torch.Tensor) -> str:
+def _labels_checksum(
+    sequences: Sequence[Sequence[int]], labels: tuple[torch.Tensor, ...], holdout: int
+) -> str:
+    """Identifies the tokenized pairs, their labels (p and grades) and the held-out split."""
     h = hashlib.sha256()
     for seq in sequences:
         h.update(json.dumps(list(seq)).encode())
-    h.update(json.dumps(p.tolist()).encode())
+    h.update(json.dumps([label.tolist() for label in labels] + [holdout]).encode())
     return h.hexdigest()
 
 
@@ -95,9 +91,9 @@ def train_lora_reward_model(
     ]
     labels = pair_labels(pairs, config)
     n_train = len(pairs) - holdout
-    key = _settings_key(config, lora, _pairs_checksum(sequences, labels[0]) + f":{holdout}")
 
     adapter = LoraAdapter.fresh("reward", backbone, lora, seed=config.seed)
+    key = settings_key(config, adapter, _labels_checksum(sequences, labels, holdout))
     torch.manual_seed(config.seed)
     model = RewardModel(backbone)
     freeze_base(backbone, bf16=True)
