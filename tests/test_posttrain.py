@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from openafm.posttrain import (
     STRENGTH_LABELS,
@@ -20,7 +21,7 @@ from openafm.posttrain import (
     sequence_logprob,
     soft_ranking_loss,
 )
-from openafm.posttrain.losses import token_kl
+from openafm.posttrain.losses import response_positions, token_kl
 from tests.conftest import FIXTURES
 
 PROMPTS = FIXTURES / "ifeval" / "input_data.jsonl"
@@ -88,27 +89,41 @@ def _batch(seed: int = 0):
     return old, tokens, mask, advantages
 
 
+def _packed(logits, tokens, mask):
+    """Log-probabilities and tokens at the response positions, and each position's response."""
+    keep, rows = response_positions(mask)
+    return torch.log_softmax(logits, dim=-1)[keep], tokens[keep], rows
+
+
 def test_the_kl_term_has_zero_gradient_at_the_rollout_policy_and_not_after_a_step():
     old, tokens, mask, advantages = _batch()
+    old_logp, picked, rows = _packed(old, tokens, mask)
     logits = old.clone().requires_grad_(True)
-    token_kl(logits, old, mask).sum().backward()
+    token_kl(_packed(logits, tokens, mask)[0], old_logp, rows, 4).sum().backward()
     assert logits.grad.abs().max() < 1e-6
     moved = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
     moved.requires_grad_(True)
-    kl = token_kl(moved, old, mask)
+    logp = _packed(moved, tokens, mask)[0]
+    kl = token_kl(logp, old_logp, rows, 4)
     kl.sum().backward()
     assert (kl > 0).all() and moved.grad.abs().max() > 1e-3
-    _, stats = mdpo_loss(moved, old, tokens, mask, advantages, step_size=0.5)
+    by_torch = F.kl_div(
+        torch.log_softmax(old, -1), torch.log_softmax(moved, -1), log_target=True, reduction="none"
+    )
+    torch.testing.assert_close(kl, (by_torch.sum(-1) * mask).sum(-1))
+    _, stats = mdpo_loss(logp, old_logp, picked, rows, advantages, step_size=0.5)
     assert stats["kl_to_old"] == pytest.approx(kl.mean().item(), rel=1e-5)
 
 
 def test_one_step_from_the_rollout_policy_mdloo_rloo_and_reinforce_loo_coincide():
     old, tokens, mask, advantages = _batch()
+    old_logp, picked, rows = _packed(old, tokens, mask)
     grads = []
     for objective in ("mdpo", "rloo", "reinforce"):
         logits = old.clone().requires_grad_(True)
         if objective == "mdpo":
-            loss, _ = mdpo_loss(logits, old, tokens, mask, advantages, step_size=0.1)
+            logp = _packed(logits, tokens, mask)[0]
+            loss, _ = mdpo_loss(logp, old_logp, picked, rows, advantages, step_size=0.1)
         elif objective == "rloo":
             new = sequence_logprob(logits, tokens, mask)
             loss = rloo_clipped_loss(new, sequence_logprob(old, tokens, mask), advantages)

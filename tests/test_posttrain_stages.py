@@ -228,7 +228,10 @@ def test_a_micro_batched_update_equals_the_whole_batch_update():
         trainer, prompts = _rl_trainer(micro)
         trainer.step(prompts)
         steps.append(torch.cat([t.detach().flatten() for t in trainer.adapter.parameters()]))
-    assert torch.allclose(steps[0], steps[1], atol=1e-5)
+    # Adam moves each weight by about lr = 1e-2 per step whatever its gradient's size, so a
+    # gradient at rounding level (summed in another order) may move by a little; a wrong
+    # micro-batch would move most weights by about lr
+    assert torch.allclose(steps[0], steps[1], atol=1e-4)
 
 
 def test_an_rl_run_resumed_after_a_stop_ends_where_an_uninterrupted_run_ends(tmp_path):

@@ -1,9 +1,10 @@
 """The reward model with a LoRA backbone on a tiny model: it learns a preference end to end, a
-run stopped part-way resumes to the uninterrupted result, it saves and loads with its adapter,
-and the CLI trains and scores it."""
+run stopped part-way resumes to the uninterrupted result (a rerun with other settings is
+refused), it saves and loads with its adapter, and the CLI trains and scores it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -12,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from openafm.adapters import LoraConfig
+from openafm.adapters.trainer import ResumeError
 from openafm.cli.main import app
 from openafm.posttrain.preferences import PreferencePair
 from openafm.posttrain.reward_lora import train_lora_reward_model
@@ -69,6 +71,8 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
     for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert report["holdout_accuracy"] == whole_report["holdout_accuracy"]
+    with pytest.raises(ResumeError, match="other settings"):
+        _train(tmp_path / "stopped", dataclasses.replace(CONFIG, lr=1e-3))
 
 
 def test_a_saved_lora_reward_model_scores_as_it_did_when_trained(tmp_path):

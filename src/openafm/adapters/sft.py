@@ -17,8 +17,22 @@ import torch
 
 from openafm.adapters.adapter_file import check_base, load_adapter, save_adapter
 from openafm.adapters.lora import AdapterError, LoraAdapter, LoraConfig
-from openafm.adapters.sft_data import SftDataError, conversations_checksum, pack, tokenize_all
-from openafm.adapters.trainer import StepReport, TrainConfig, TrainResult, train_adapter
+from openafm.adapters.sft_data import (
+    Example,
+    SftDataError,
+    conversations_checksum,
+    pack,
+    tokenize_all,
+)
+from openafm.adapters.trainer import (
+    StepReport,
+    TrainConfig,
+    TrainResult,
+    train_adapter,
+    train_full,
+)
+from openafm.files import write_json_atomic
+from openafm.io import write_hf
 from openafm.model import Transformer
 from openafm.tokenizer import Tokenizer
 
@@ -63,25 +77,25 @@ def initial_adapter(
     return adapter
 
 
-def run_sft(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    signature: str,
-    conversations: Sequence[Conversation],
-    run: SftRun,
-    lora: LoraConfig,
-    config: TrainConfig,
-    *,
-    eval_conversations: Sequence[Conversation] = (),
-    provenance: dict[str, object] | None = None,
-    on_start: Callable[[int], None] | None = None,
-    on_step: Callable[[StepReport], None] | None = None,
-) -> tuple[LoraAdapter, TrainResult]:
-    """Train adapter `run.name` on `conversations` and save it to `run.out_dir`.
+@dataclass
+class _Prepared:
+    """A run's tokenized data and its settings, once `--epochs` is turned into steps."""
 
-    `signature` is the base's (computed before training casts its weights); `provenance`
-    (data file, command line, …) is stored in `adapter.json` under "training".
-    """
+    train: list[Example]
+    held_out: list[Example]
+    config: TrainConfig
+    run_key: str  # the data as the checkpoint must match it
+    pad_id: int
+    facts: dict[str, object]  # what the saved metadata records about the data
+
+
+def _prepare(
+    tokenizer: Tokenizer,
+    conversations: Sequence[Conversation],
+    eval_conversations: Sequence[Conversation],
+    run: SftRun,
+    config: TrainConfig,
+) -> _Prepared:
     if run.out_dir.exists() and not run.overwrite:
         raise AdapterError(f"{run.out_dir} already exists; pass --overwrite to replace it")
     if run.restart and run.run_dir.exists():
@@ -101,38 +115,107 @@ def run_sft(
         log.info("packed %d conversations into %d rows", conversation_count, len(train))
     if run.epochs is not None:
         config = replace(config, steps=steps_for_epochs(run.epochs, len(train), config))
-    adapter = initial_adapter(run, model, lora, signature, config.seed)
-    if on_start is not None:
-        on_start(config.steps)
+    facts = {
+        "data_checksum": checksum,
+        "examples": conversation_count,
+        "packed_rows": len(train) if run.pack else None,
+        "examples_too_long": too_long,
+        "eval_examples": len(held_out),
+        "seq_len": run.seq_len,
+    }
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    return _Prepared(train, held_out, config, run_key, pad_id, facts)
+
+
+def _training_record(
+    prepared: _Prepared, result: TrainResult, provenance: dict[str, object] | None
+) -> dict[str, object]:
+    return {
+        **(provenance or {}),
+        **prepared.facts,
+        "settings": asdict(prepared.config),
+        "final_loss": round(result.final_loss, 4),
+        "eval_loss": None if result.eval_loss is None else round(result.eval_loss, 4),
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def run_sft(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    signature: str,
+    conversations: Sequence[Conversation],
+    run: SftRun,
+    lora: LoraConfig,
+    config: TrainConfig,
+    *,
+    eval_conversations: Sequence[Conversation] = (),
+    provenance: dict[str, object] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> tuple[LoraAdapter, TrainResult]:
+    """Train adapter `run.name` on `conversations` and save it to `run.out_dir`.
+
+    `signature` is the base's (computed before training casts its weights); `provenance`
+    (data file, command line, …) is stored in `adapter.json` under "training".
+    """
+    prepared = _prepare(tokenizer, conversations, eval_conversations, run, config)
+    adapter = initial_adapter(run, model, lora, signature, prepared.config.seed)
+    if on_start is not None:
+        on_start(prepared.config.steps)
     result = train_adapter(
         model,
         adapter,
-        train,
+        prepared.train,
         run.run_dir,
-        config,
-        pad_id=pad_id,
-        data_checksum=run_key,
-        eval_examples=held_out,
+        prepared.config,
+        pad_id=prepared.pad_id,
+        data_checksum=prepared.run_key,
+        eval_examples=prepared.held_out,
         on_step=on_step,
     )
     adapter.metadata = {
         **adapter.metadata,
         "base_signature": signature,
-        "training": {
-            **(provenance or {}),
-            "data_checksum": checksum,
-            "examples": conversation_count,
-            "packed_rows": len(train) if run.pack else None,
-            "examples_too_long": too_long,
-            "eval_examples": len(held_out),
-            "seq_len": run.seq_len,
-            "settings": asdict(config),
-            "final_loss": round(result.final_loss, 4),
-            "eval_loss": None if result.eval_loss is None else round(result.eval_loss, 4),
-            "tokens": result.tokens,
-            "seconds": round(result.seconds, 1),
-        },
+        "training": _training_record(prepared, result, provenance),
     }
     save_adapter(adapter, run.out_dir)
     return adapter, result
+
+
+def run_full_sft(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    signature: str,
+    conversations: Sequence[Conversation],
+    run: SftRun,
+    config: TrainConfig,
+    *,
+    eval_conversations: Sequence[Conversation] = (),
+    provenance: dict[str, object] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> TrainResult:
+    """Fine-tune every weight of `model` on `conversations`; `run.out_dir` becomes a model
+    directory (`config.json`, `model.safetensors`, the tokenizer, `training.json`) that
+    `--model` loads. `signature` is the starting base's, recorded in `training.json`."""
+    prepared = _prepare(tokenizer, conversations, eval_conversations, run, config)
+    result = train_full(
+        model,
+        prepared.train,
+        run.run_dir,
+        prepared.config,
+        pad_id=prepared.pad_id,
+        data_checksum=prepared.run_key,
+        eval_examples=prepared.held_out,
+        on_step=on_step,
+    )
+    record = {
+        "name": run.name,
+        "base_signature": signature,
+        "training": _training_record(prepared, result, provenance),
+    }
+    write_hf(run.out_dir, model.config, model.state_dict(), extra_config={"openafm_trained": True})
+    tokenizer.save(run.out_dir)
+    write_json_atomic(run.out_dir / "training.json", record)
+    return result

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from openafm.adapters.lora import LoraAdapter
 from openafm.adapters.sft_data import IGNORE, Example, collate, epoch_batches, segment_ids
 from openafm.model import Linear, Transformer
-from openafm.model.compressed import dense_copies
+from openafm.model.compressed import dense_copies, is_compressed
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -175,11 +175,16 @@ def _batch_tensors(
     return tokens.to(device), labels.to(device), None if segments is None else segments.to(device)
 
 
-def settings_key(config: Any, adapter: LoraAdapter, data_checksum: str) -> str:
+def settings_key(config: Any, adapter: LoraAdapter | None, data_checksum: str) -> str:
     """What must match for a checkpoint to be resumed: settings (a dataclass such as
-    `TrainConfig`), adapter shape and data."""
+    `TrainConfig`), adapter shape (None: every weight is trained) and data."""
     blob = json.dumps(
-        {"train": asdict(config), "lora": adapter.config.to_dict(), "data": data_checksum},
+        {
+            "train": asdict(config),
+            "lora": None if adapter is None else adapter.config.to_dict(),
+            "data": data_checksum,
+        }
+        | ({"full": True} if adapter is None else {}),
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -216,22 +221,87 @@ def train_adapter(
     The objective is `loss_fn` (default: the SFT answer loss). Training runs where `model` lives
     (CPU or GPU); the adapter's tensors are back on the CPU when it returns.
     """
+    params = adapter.parameters()
+    for p in params:
+        p.data = p.data.to(model.device)
+    freeze_base(model, bf16=config.bf16)
+    adapter.attach(model)
+    copies = dense_copies(model, torch.bfloat16) if config.bf16 else contextlib.nullcontext()
+    with copies:
+        result = train_parameters(
+            model,
+            params,
+            train,
+            run_dir,
+            config,
+            pad_id=pad_id,
+            key=settings_key(config, adapter, data_checksum),
+            eval_examples=eval_examples,
+            on_step=on_step,
+            loss_fn=loss_fn,
+        )
+    for p in params:
+        p.data = p.data.cpu()
+    return result
+
+
+def train_full(
+    model: Transformer,
+    train: Sequence[Example],
+    run_dir: str | Path,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    data_checksum: str,
+    eval_examples: Sequence[Example] = (),
+    on_step: Callable[[StepReport], None] | None = None,
+) -> TrainResult:
+    """Full fine-tuning: every weight of a dense `model` trains (float32 weights, bf16
+    autocast with `config.bf16`); resumable like `train_adapter`."""
+    if is_compressed(model):
+        raise ValueError(
+            "a compressed model cannot be fine-tuned in full: train a LoRA adapter on it, or"
+            " fine-tune its dense base (--model)"
+        )
+    return train_parameters(
+        model,
+        list(model.parameters()),
+        train,
+        run_dir,
+        config,
+        pad_id=pad_id,
+        key=settings_key(config, None, data_checksum),
+        eval_examples=eval_examples,
+        on_step=on_step,
+    )
+
+
+def train_parameters(
+    model: Transformer,
+    params: Sequence[torch.nn.Parameter],
+    train: Sequence[Example],
+    run_dir: str | Path,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    key: str,
+    eval_examples: Sequence[Example] = (),
+    on_step: Callable[[StepReport], None] | None = None,
+    loss_fn: LossFn | None = None,
+) -> TrainResult:
+    """The SFT loop over `params` (the rest of `model` stays as it is); resumes from `run_dir`'s
+    checkpoint when its settings `key` matches, and refuses one that does not."""
     loss_fn = loss_fn or answer_loss_fn(bf16=config.bf16)
     if not train:
         raise ValueError("no training examples (all were empty or longer than --seq-len)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = model.device
-    params = adapter.parameters()
     for p in params:
-        p.data = p.data.to(device)
         p.requires_grad_(True)
-    freeze_base(model, bf16=config.bf16)
-    adapter.attach(model)
     model.train()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_at)
-    key = settings_key(config, adapter, data_checksum)
     step, last_loss, eval_loss = 0, float("nan"), None
     checkpoint_path = run_dir / CHECKPOINT
     if checkpoint_path.exists():
@@ -253,8 +323,7 @@ def train_adapter(
     micro_per_epoch = math.ceil(len(train) / config.batch_size)
     order_epoch, order = -1, []
     tokens_seen, start = 0, time.perf_counter()
-    copies = dense_copies(model, torch.bfloat16) if config.bf16 else contextlib.nullcontext()
-    with (run_dir / METRICS).open("a") as metrics, copies:
+    with (run_dir / METRICS).open("a") as metrics:
         while step < config.steps:
             batches = []
             for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
@@ -312,7 +381,6 @@ def train_adapter(
     model.eval()
     for p in params:
         p.requires_grad_(False)
-        p.data = p.data.cpu()
     return TrainResult(
         steps=step,
         final_loss=last_loss,

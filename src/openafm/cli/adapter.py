@@ -18,7 +18,7 @@ from openafm.adapters import (
 )
 from openafm.adapters.peft_format import export_peft, import_peft
 from openafm.adapters.registry import find_adapter, list_adapters, remove_adapter, user_adapters_dir
-from openafm.adapters.sft import SftRun, run_sft
+from openafm.adapters.sft import SftRun, run_full_sft, run_sft
 from openafm.adapters.sft_data import read_conversations
 from openafm.adapters.trainer import TrainConfig
 from openafm.cli.common import (
@@ -134,13 +134,26 @@ def train(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter directory.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the adapter's init and the data order.")] = 0,
+    full: Annotated[
+        bool,
+        typer.Option(
+            help="Fine-tune every weight of a dense base instead of a LoRA adapter (the LoRA"
+            " options do not apply); --out (default: $OPENAFM_HOME/models/NAME) is then a model"
+            " directory for --model."
+        ),
+    ] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object at the end.")
     ] = False,
 ) -> None:
-    """Train a LoRA adapter on the frozen base (SFT); rerun the same command to resume after a crash."""
+    """Train a LoRA adapter on the frozen base (SFT), or with --full every weight; rerun the
+    same command to resume after a crash."""
     if steps is not None and epochs is not None:
         raise typer.BadParameter("give --steps or --epochs, not both", param_hint="--epochs")
+    if full and init_from is not None:
+        raise typer.BadParameter(
+            "--full trains the base's own weights, not an adapter", param_hint="--init-from"
+        )
     with user_errors():
         lora = LoraConfig(
             rank=rank,
@@ -168,17 +181,18 @@ def train(
         with err_console.status("loading model…", spinner="dots"):
             pretrained = load_named(model)
             signature = pretrained.signature()
+        default_out = openafm_home() / "models" / name if full else user_adapters_dir() / name
         run = SftRun(
             name=name,
-            out_dir=out or user_adapters_dir() / name,
+            out_dir=out or default_out,
             run_dir=run_dir or openafm_home() / "runs" / "adapters" / name,
             seq_len=seq_len,
             pack=pack,
             epochs=epochs,
-            init_from=find_adapter(init_from) if init_from else pretrained.default_adapter,
+            init_from=None if full else find_adapter(init_from) if init_from else pretrained.default_adapter,
             restart=restart,
             overwrite=overwrite,
-        )
+        )  # fmt: skip
         provenance = {
             "command": command_line(),
             "data": data.name,
@@ -188,21 +202,35 @@ def train(
         }
         progress, on_step = training_progress(f"training {name}")
         with progress:
-            adapter, result = run_sft(
-                pretrained.model,
-                pretrained.tokenizer,
-                signature,
-                conversations,
-                run,
-                lora,
-                config,
-                eval_conversations=held_out,
-                provenance=provenance,
-                on_step=on_step,
-            )
+            if full:
+                result = run_full_sft(
+                    pretrained.model,
+                    pretrained.tokenizer,
+                    signature,
+                    conversations,
+                    run,
+                    config,
+                    eval_conversations=held_out,
+                    provenance=provenance,
+                    on_step=on_step,
+                )
+            else:
+                _, result = run_sft(
+                    pretrained.model,
+                    pretrained.tokenizer,
+                    signature,
+                    conversations,
+                    run,
+                    lora,
+                    config,
+                    eval_conversations=held_out,
+                    provenance=provenance,
+                    on_step=on_step,
+                )
         summary = {
-            "name": adapter.name,
+            "name": name,
             "path": str(run.out_dir),
+            "full": full,
             "steps": result.steps,
             "resumed_from": result.resumed_from,
             "final_loss": round(result.final_loss, 4),
@@ -214,8 +242,9 @@ def train(
         if json_output:
             print_json(summary)
         else:
+            what = "the fine-tuned model" if full else name
             err_console.print(
-                f"saved {adapter.name} to {run.out_dir} (loss {summary['final_loss']}, eval {summary['eval_loss']})"
+                f"saved {what} to {run.out_dir} (loss {summary['final_loss']}, eval {summary['eval_loss']})"
             )
 
 

@@ -34,7 +34,7 @@ app = typer.Typer(
     help="Post-training: SFT, the reward model, rejection sampling with a committee, RL.",
     no_args_is_help=True,
 )
-app.command("sft", help="Supervised fine-tuning of a LoRA adapter on chat data (loss on the"
+app.command("sft", help="Supervised fine-tuning of a LoRA adapter (or with --full every weight) on chat data (loss on the"
             " assistant's tokens only); the same trainer as `afm adapter train`.")(adapter_cli.train)  # fmt: skip
 rm_app = typer.Typer(help="Train the reward model, or score answers with it.", no_args_is_help=True)
 app.add_typer(rm_app, name="rm")

@@ -61,6 +61,18 @@ def sequence_logprob(
     return (logp * mask).sum(dim=-1)
 
 
+def response_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The response positions of a (B, T) mask as a boolean index and, for each of them in
+    row-major order, the response (row) it belongs to."""
+    keep = mask.bool()
+    return keep, keep.nonzero()[:, 0]
+
+
+def per_response(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum per-position `values` into the `n` responses that `rows` names."""
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
 def kl_penalized_reward(
     reward: torch.Tensor, policy_logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float
 ) -> torch.Tensor:
@@ -68,28 +80,31 @@ def kl_penalized_reward(
     return reward - beta * (policy_logprob - reference_logprob)
 
 
-def token_kl(logits: torch.Tensor, old_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Exact KL(π_θ ‖ π_old) summed over each response's tokens (full vocabulary per token)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    old = torch.log_softmax(old_logits.float(), dim=-1)
-    per_token = (logp.exp() * (logp - old)).sum(dim=-1)
-    return (per_token * mask).sum(dim=-1)
+def token_kl(
+    logp: torch.Tensor, old_logp: torch.Tensor, rows: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Exact KL(π_θ ‖ π_old) summed over each response's tokens: `logp` and `old_logp` are
+    (N, V) log-probabilities over the full vocabulary at the N response positions."""
+    return per_response((logp.exp() * (logp - old_logp)).sum(dim=-1), rows, n)
 
 
 def mdpo_loss(
-    logits: torch.Tensor,
-    old_logits: torch.Tensor,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
     tokens: torch.Tensor,
-    mask: torch.Tensor,
+    rows: torch.Tensor,
     advantages: torch.Tensor,
     step_size: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Minus the MDPO objective E[ratio · A] - (1/t) · KL(π_θ ‖ π_old), with the whole response
-    as one action (ratio of sequence probabilities); `old_logits` are the rollout policy's."""
-    new = sequence_logprob(logits, tokens, mask)
-    old = sequence_logprob(old_logits, tokens, mask)
-    ratio = torch.exp(new - old)
-    kl = token_kl(logits, old_logits, mask)
+    as one action (ratio of sequence probabilities). `logp`/`old_logp` (N, V) are the policy's
+    and the rollout policy's log-probabilities at the N response positions, `tokens` (N,) the
+    sampled tokens, `rows` (N,) the response of each position, `advantages` one per response."""
+    n = advantages.shape[0]
+    index = tokens.unsqueeze(-1)
+    picked = (logp.gather(-1, index) - old_logp.gather(-1, index)).squeeze(-1)
+    ratio = torch.exp(per_response(picked, rows, n))
+    kl = token_kl(logp, old_logp, rows, n)
     loss = -(ratio * advantages).mean() + kl.mean() / step_size
     return loss, {
         "kl_to_old": float(kl.detach().mean()),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from openafm.adapters import LoraAdapter, LoraConfig
-from openafm.adapters.trainer import freeze_base, save_checkpoint, settings_key
+from openafm.adapters.trainer import ResumeError, freeze_base, save_checkpoint, settings_key
 from openafm.model import Transformer
 from openafm.posttrain.preferences import PreferencePair
 from openafm.posttrain.reward_model import PairBatch, RewardModel, reward_model_loss
@@ -109,12 +109,16 @@ def train_lora_reward_model(
     step, loss_value = 0, math.nan
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
-        if state["settings_key"] == key:
-            with torch.no_grad():
-                for p, saved in zip(params, state["params"], strict=True):
-                    p.copy_(saved)
-            optimizer.load_state_dict(state["optimizer"])
-            step, loss_value = int(state["step"]), float(state["loss"])
+        if state["settings_key"] != key:
+            raise ResumeError(
+                f"{run_dir} holds a checkpoint of a reward model with other settings or data;"
+                " use another --run-dir, or delete it to start over"
+            )
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"], strict=True):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        step, loss_value = int(state["step"]), float(state["loss"])
     resumed_from = step
 
     backbone.train()
