@@ -127,7 +127,10 @@ def train(
     ] = None,
     run_dir: Annotated[
         Path | None,
-        typer.Option(help="Checkpoints and metrics (default: $OPENAFM_HOME/runs/adapters/NAME)."),
+        typer.Option(
+            help="Checkpoints and metrics (default: $OPENAFM_HOME/runs/adapters/NAME, or"
+            " runs/finetuned/NAME with --full)."
+        ),
     ] = None,
     restart: Annotated[
         bool, typer.Option(help="Discard the run directory's checkpoint instead of resuming.")
@@ -138,7 +141,7 @@ def train(
         bool,
         typer.Option(
             help="Fine-tune every weight of a dense base instead of a LoRA adapter (the LoRA"
-            " options do not apply); --out (default: $OPENAFM_HOME/models/NAME) is then a model"
+            " options do not apply); --out (default: $OPENAFM_HOME/finetuned/NAME) is then a model"
             " directory for --model."
         ),
     ] = False,
@@ -181,11 +184,11 @@ def train(
         with err_console.status("loading model…", spinner="dots"):
             pretrained = load_named(model)
             signature = pretrained.signature()
-        default_out = openafm_home() / "models" / name if full else user_adapters_dir() / name
+        default_out = openafm_home() / "finetuned" / name if full else user_adapters_dir() / name
         run = SftRun(
             name=name,
             out_dir=out or default_out,
-            run_dir=run_dir or openafm_home() / "runs" / "adapters" / name,
+            run_dir=run_dir or openafm_home() / "runs" / ("finetuned" if full else "adapters") / name,
             seq_len=seq_len,
             pack=pack,
             epochs=epochs,
