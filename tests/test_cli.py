@@ -118,3 +118,30 @@ def test_invalid_utf8_on_stdin(tiny_dir):
 def test_unknown_model_name(tmp_path):
     proc = afm("generate", "--model", "no-such-model", "x", home=tmp_path)
     assert_one_line_error(proc, 1, "not a known name")
+
+
+def test_help_lists_every_command_without_importing_any_of_them():
+    code = (
+        "import sys\n"
+        "from openafm.cli.main import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'nltk', 'scipy') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    from openafm.cli.main import Afm
+
+    for name, entry in Afm.lazy.items():
+        assert f" {name} " in proc.stdout and entry.summary in proc.stdout
+
+
+def test_every_lazy_command_loads_under_its_name():
+    from openafm.cli.lazy import load_command
+    from openafm.cli.main import Afm
+
+    for name, entry in Afm.lazy.items():
+        command = load_command(name, entry)
+        assert command.name == name and command.help, name
+    typo = afm("genrate", "x")
+    assert typo.returncode == 2 and "Did you mean 'generate'" in typo.stderr.decode()
