@@ -173,6 +173,10 @@ def test_bad_input_fails_with_one_clear_error(tmp_path, tiny_dir):
     with pytest.raises(DataError, match="checksum mismatch"):
         train(TINY, [shards], tmp_path / "e", tokenizer=tok)
 
+    wider = tmp_path / "wider"  # text read with a tokenizer larger than the preset's vocabulary
+    train(TINY.replace(steps=2), [TEXT], wider, tokenizer=byte_tokenizer(1000))
+    assert json.loads((wider / "config.json").read_text())["vocab_size"] == 1024
+
     ok = tmp_path / "ok"
     train(TINY.replace(steps=10), [TEXT], ok, tokenizer=tok)
     with pytest.raises(FileExistsError, match="already holds a run"):

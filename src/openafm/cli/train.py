@@ -29,7 +29,9 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="A training preset (tiny, afm-tiny, afm-1b) or a .json/.toml file of its fields.",
+        help="A training preset (tiny, afm-tiny, afm-1b) or a .json/.toml file of its fields."
+        " On text data, a preset whose vocabulary is smaller than --tokenizer's grows to fit it"
+        " (the tiny preset's 512 becomes 49,152 with the default tokenizer).",
     ),
 ]
 DataOpt = Annotated[

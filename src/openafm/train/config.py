@@ -29,6 +29,7 @@ class TrainConfig:
     """A pre-training run: model preset, batch geometry, optimizer, schedule, cadence."""
 
     model: str = "afm-tiny"  # a ModelConfig preset
+    vocab_size: int = 0  # 0: the preset's; text data sets it to fit the tokenizer
     seq_len: int = 256
     batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch: int = 0  # sequences per forward on one rank (0: the whole share, no accumulation)
@@ -59,6 +60,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise TrainConfigError(
+                f"vocab_size must be 0 (the preset's) or positive, got {self.vocab_size}"
+            )
         if self.micro_batch < 0 or self.keep_checkpoints < 1 or self.warmup_steps < 0:
             raise TrainConfigError("micro_batch ≥ 0, keep_checkpoints ≥ 1, warmup_steps ≥ 0")
         if not 0 <= self.val_fraction < 1:
@@ -74,7 +79,17 @@ class TrainConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        return get_preset(self.model)
+        preset = get_preset(self.model)
+        if self.vocab_size:
+            return dataclasses.replace(preset, vocab_size=self.vocab_size)
+        return preset
+
+    def fit_tokenizer(self, tokenizer_vocab: int) -> TrainConfig:
+        """For text read with a tokenizer of `tokenizer_vocab` tokens: a preset whose vocabulary
+        is smaller grows to it (padded to a multiple of 64, which tensor parallelism can split)."""
+        if tokenizer_vocab <= self.model_config.vocab_size:
+            return self
+        return dataclasses.replace(self, vocab_size=-(-tokenizer_vocab // 64) * 64)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

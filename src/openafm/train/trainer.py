@@ -313,6 +313,18 @@ def _train(
     if config.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
         log.warning("this CPU has no bf16 units (emulated bf16 is slower): training in float32")
         config = dataclasses.replace(config, precision="fp32")
+    reads_text = any(Path(path).is_file() for path in data)
+    if tokenizer is not None and reads_text:
+        fitted = config.fit_tokenizer(tokenizer.vocab_size)
+        if fitted is not config and dist.get_rank() == 0:
+            log.warning(
+                "the %s preset's vocabulary of %d grows to %d to fit the tokenizer's %d tokens",
+                config.model,
+                config.model_config.vocab_size,
+                fitted.vocab_size,
+                tokenizer.vocab_size,
+            )
+        config = fitted
     world, rank, mc = dist.get_world_size(), dist.get_rank(), config.model_config
     mesh = build_mesh(spec, world, device.type)
     sizes = dict(zip(MESH_DIMS, mesh.shape, strict=True))
