@@ -285,3 +285,15 @@ def test_a_background_checkpoint_holds_the_state_of_its_step(tmp_path):
             torch.testing.assert_close(p.full_tensor(), saved[name])
     finally:
         dist.destroy_process_group()
+
+
+def test_an_error_in_several_processes_reads_as_one_line(tmp_path):
+    from tests.test_cli import assert_one_line_error
+
+    args = ["--config", "tiny", "--data", str(TEXT), "--tokenizer", str(tmp_path / "none")]
+    proc = subprocess.run(
+        _cli(*args, "--out", str(tmp_path / "run"), nproc=2), capture_output=True, timeout=300
+    )
+    assert_one_line_error(proc, 1, "not found")
+    err = proc.stderr.decode()
+    assert err.count("not found") == 1 and "ChildFailedError" not in err

@@ -65,16 +65,24 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as exc:
-        err_console.print(
-            f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True
-        )
+        from openafm.train.launch import write_rank_error
+
         hint = next((h for t, h in _HINTS.items() if isinstance(exc, t)), None)
-        if hint:
-            err_console.print(f"hint: {hint}", highlight=False, soft_wrap=True)
+        if not write_rank_error(str(exc), hint):  # a launched rank leaves it to the launcher
+            print_error(str(exc), hint)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    """The one-line error (and its hint) on stderr."""
+    err_console.print(
+        f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True
+    )
+    if hint:
+        err_console.print(f"hint: {hint}", highlight=False, soft_wrap=True)
 
 
 @contextmanager

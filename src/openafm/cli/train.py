@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +10,13 @@ from typing import Annotated, Any
 import typer
 
 from openafm.adapters.trainer import StepReport
-from openafm.cli.common import err_console, print_json, training_progress, user_errors
+from openafm.cli.common import (
+    err_console,
+    print_error,
+    print_json,
+    training_progress,
+    user_errors,
+)
 from openafm.train.config import DistillMode, Optimizer, TrainConfig, load_train_config
 
 app = typer.Typer(
@@ -67,7 +72,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the run summary as 
 
 
 def _relaunch(nproc: int) -> None:
-    """Run this same command in `nproc` processes under torchrun, and exit with its status."""
+    """Run this same command in `nproc` local processes; exit with their status, after the
+    first failing rank's error in one line."""
+    from openafm.train.launch import launch_local
+
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -76,18 +84,14 @@ def _relaunch(nproc: int) -> None:
             skip = True
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "openafm",
-        *args,
-    ]
-    env = {**os.environ, "OPENAFM_LAUNCHED": "1"}
-    raise typer.Exit(subprocess.call(command, env=env))
+    result = launch_local(args, nproc)
+    if result.error is not None:
+        print_error(result.error["error"], result.error["hint"] or None)
+    elif result.status == 130:
+        err_console.print("interrupted")
+    elif result.status:
+        print_error(f"rank {result.rank} failed with exit status {result.status} (see above)")
+    raise typer.Exit(1 if result.status not in (0, 130) else result.status)
 
 
 def _run(
