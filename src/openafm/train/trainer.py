@@ -329,6 +329,9 @@ def _train(
     mesh = build_mesh(spec, world, device.type)
     sizes = dict(zip(MESH_DIMS, mesh.shape, strict=True))
     layout = BatchLayout.of(config, mesh, spec)
+    if rank == 0:
+        what = "reading and tokenizing" if reads_text else "reading"
+        log.info("%s the data (%s)…", what, ", ".join(Path(path).name for path in data))
     windows = load_windows(data, tokenizer, config.seq_len, mc.vocab_size, config.val_fraction)
     order = BatchOrder(windows, config.batch_size, config.seed)
     held_out = held_out_batches(
