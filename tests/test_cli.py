@@ -143,5 +143,8 @@ def test_every_lazy_command_loads_under_its_name():
     for name, entry in Afm.lazy.items():
         command = load_command(name, entry)
         assert command.name == name and command.help, name
+        if entry.attribute == "app":  # a group, even when it holds one command
+            assert getattr(command, "commands", None), name
+    assert afm("export", "coreml", "--help").returncode == 0
     typo = afm("genrate", "x")
     assert typo.returncode == 2 and "Did you mean 'generate'" in typo.stderr.decode()

@@ -31,8 +31,10 @@ class LazyCommand:
 def load_command(name: str, entry: LazyCommand) -> click.Command:
     """Import `entry` and build its click command."""
     target = getattr(importlib.import_module(entry.module), entry.attribute)
-    if isinstance(target, typer.Typer):
-        command = typer.main.get_command(target)
+    if isinstance(target, typer.Typer):  # a group, even of one command (as add_typer makes it)
+        outer = typer.Typer(add_completion=False)
+        outer.add_typer(target, name=name)
+        command = typer.main.get_command(outer).commands[name]  # type: ignore[attr-defined]
     else:
         single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
         single.command(name)(target)
