@@ -297,3 +297,32 @@ def test_an_error_in_several_processes_reads_as_one_line(tmp_path):
     assert_one_line_error(proc, 1, "not found")
     err = proc.stderr.decode()
     assert err.count("not found") == 1 and "ChildFailedError" not in err
+
+
+def test_a_terminated_launcher_stops_its_ranks(tmp_path, tiny_dir):
+    out = tmp_path / "held"
+    args = ["--config", "tiny", "--data", str(TEXT), "--out", str(out)]
+    proc = subprocess.Popen(
+        _cli(*args, "--tokenizer", str(tiny_dir), nproc=2),
+        env={**os.environ, HOLD_ENV: "10", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-00000010").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it held"
+        time.sleep(0.1)
+    proc.terminate()  # the launcher alone, not its process group
+    assert proc.wait(timeout=60) != 0
+
+    def ranks_alive() -> list[str]:
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(out) in cmdline.read_text():
+                    alive.append(cmdline.parent.name)
+            except OSError:
+                continue
+        return alive
+
+    assert ranks_alive() == []
