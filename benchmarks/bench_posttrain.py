@@ -2,8 +2,9 @@
 
 - rollout: answer tokens/s of RL rollouts (4 prompts, K=4, through one continuous batch) as a
   ratio to plain batch-1 decode;
-- rl_update: tokens/s of one MDLOO update (μ = 2 passes over the rollout, recomputing the
-  rollout policy's logits per micro-batch), RLOO's, and the reward model's feature pass, as
+- rl_update: tokens/s of one MDLOO update (μ = 2 passes over the rollout, against the rollout
+  policy's token log-probabilities kept from the rollout pass), RLOO's, and the reward model's
+  feature pass, as
   ratios to a LoRA SFT step (batch 8, bf16 autocast);
 each the median of `--repeats`, with 1 and 2 threads, quiet and (unless --quiet-only) beside a
 CPU-bound process.

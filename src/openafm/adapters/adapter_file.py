@@ -94,8 +94,11 @@ def read_adapter_meta(directory: str | Path) -> dict[str, object]:
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{meta_path}: format must be {FORMAT!r}, got {meta.get('format')!r}")
     for key, kind in (("name", str), ("rank", int), ("alpha", (int, float)), ("targets", list)):
-        if not isinstance(meta.get(key), kind):
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
             raise AdapterError(f"{meta_path}: field {key!r} is missing or has the wrong type")
+    if not all(isinstance(t, str) for t in meta["targets"]):  # type: ignore[attr-defined]
+        raise AdapterError(f"{meta_path}: 'targets' must be a list of projection names")
     return meta
 
 

@@ -21,6 +21,7 @@ from openafm.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "openafm-token-shards/1"
+SHARD_DTYPES = ("uint16", "uint32")
 
 
 def iter_documents(folder: Path | str) -> Iterator[str]:
@@ -107,22 +108,51 @@ def write_shards(
     return manifest
 
 
+def _checked_manifest(path: Path) -> dict:
+    """The manifest, with every field `read_shards` relies on checked (ValueError if not)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a manifest of format {FORMAT!r}")
+    if manifest.get("dtype") not in SHARD_DTYPES:
+        raise ValueError(f"{path}: dtype must be one of {', '.join(SHARD_DTYPES)}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ValueError(f"{path}: 'shards' must be a list")
+    for shard in shards:
+        ok = (
+            isinstance(shard, dict)
+            and isinstance(shard.get("file"), str)
+            and Path(shard["file"]).name == shard["file"] not in ("", ".", "..")
+            and isinstance(shard.get("tokens"), int)
+            and not isinstance(shard["tokens"], bool)
+            and shard["tokens"] >= 0
+            and isinstance(shard.get("sha256"), str)
+        )
+        if not ok:
+            raise ValueError(
+                f"{path}: each shard needs a file name in the folder, a token count and a sha256"
+            )
+    return manifest
+
+
 def read_shards(folder: Path | str, *, verify: bool = True) -> tuple[dict, list[np.memmap]]:
     """The manifest and one read-only memmap per shard; `verify` checks sizes and sha256."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a token-shard folder")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
+    manifest = _checked_manifest(path)
     arrays = []
     for shard in manifest["shards"]:
         file = folder / shard["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: listed in {path} but missing")
         if verify and sha256_file(file) != shard["sha256"]:
             raise ValueError(f"{file}: checksum mismatch (corrupt or changed since it was written)")
-        array = np.memmap(file, dtype=manifest["dtype"], mode="r")
-        if array.size != shard["tokens"]:
-            raise ValueError(f"{file}: {array.size} tokens, manifest says {shard['tokens']}")
-        arrays.append(array)
+        if file.stat().st_size != shard["tokens"] * np.dtype(manifest["dtype"]).itemsize:
+            raise ValueError(f"{file}: its size does not hold the {shard['tokens']} tokens listed")
+        arrays.append(np.memmap(file, dtype=manifest["dtype"], mode="r"))
     return manifest, arrays
