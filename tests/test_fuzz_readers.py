@@ -17,13 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import byte_tokenizer, make_tiny
+from tests.conftest import FIXTURES, byte_tokenizer, make_tiny
 
 CLEAR_ERRORS = (ValueError, OSError)  # CheckpointError, AdapterError, DataError, ... subclass these
 EXAMPLES = int(os.environ.get("OPENAFM_FUZZ_EXAMPLES", "60"))  # more: benchmarks/fuzz_readers.py
 FUZZ = settings(
     max_examples=EXAMPLES,
-    deadline=5000,
+    deadline=60_000,  # a hang fails; a slow first call (kernels warming up) does not
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=True,
 )
@@ -89,8 +89,10 @@ def _expect_clear_error_or_success(read: Callable[[Path], object], path: Path) -
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory) -> dict[str, Path]:
     from openafm.adapters import LoraAdapter, LoraConfig, save_adapter
+    from openafm.compress.pipeline import DEFAULT_CALIBRATION, CompressConfig, compress_model
     from openafm.data.shards import write_shards
     from openafm.io import write_gguf, write_hf
+    from openafm.io.compressed_checkpoint import save_compressed
 
     root = tmp_path_factory.mktemp("originals")
     model = make_tiny()
@@ -102,8 +104,13 @@ def originals(tmp_path_factory) -> dict[str, Path]:
     docs.mkdir()
     (docs / "a.jsonl").write_text(json.dumps({"text": "a few words of text " * 20}) + "\n")
     write_shards(docs, root / "shards", byte_tokenizer())
+    compressed = compress_model(
+        make_tiny(), byte_tokenizer(), DEFAULT_CALIBRATION,
+        CompressConfig(calibration_tokens=512, window=128, sensitivity_tokens=64),
+    )  # fmt: skip
+    save_compressed(compressed.model, root / "compressed", made_with={"test": True})
     return {"gguf": root / "tiny.gguf", "hf": root / "hf", "adapter": root / "adapter",
-            "shards": root / "shards"}  # fmt: skip
+            "shards": root / "shards", "compressed": root / "compressed"}  # fmt: skip
 
 
 def _copy(source: Path, target: Path) -> Path:
@@ -124,6 +131,7 @@ def _readers() -> dict[str, tuple[str, Callable[[Path], object]]]:
     from openafm.adapters import load_adapter
     from openafm.data.shards import read_shards
     from openafm.io import read_hf
+    from openafm.io.compressed_checkpoint import load_compressed
     from openafm.io.gguf_file import read_gguf
 
     return {
@@ -131,13 +139,19 @@ def _readers() -> dict[str, tuple[str, Callable[[Path], object]]]:
         "hf": ("model.safetensors", read_hf),
         "adapter": ("adapter.safetensors", load_adapter),
         "shards": ("shard-00000.bin", lambda p: read_shards(p)),
+        "compressed": ("weights.safetensors", load_compressed),
     }
 
 
-JSON_FILES = {"hf": "config.json", "adapter": "adapter.json", "shards": "manifest.json"}
+JSON_FILES = {
+    "hf": "config.json",
+    "adapter": "adapter.json",
+    "shards": "manifest.json",
+    "compressed": "compression.json",
+}
 
 
-@pytest.mark.parametrize("kind", ["gguf", "hf", "adapter", "shards"])
+@pytest.mark.parametrize("kind", ["gguf", "hf", "adapter", "shards", "compressed"])
 @FUZZ
 @given(damage=binary_damage)
 def test_damaged_binary_files_give_a_clear_error(originals, tmp_path, kind, damage):
@@ -148,7 +162,7 @@ def test_damaged_binary_files_give_a_clear_error(originals, tmp_path, kind, dama
     _expect_clear_error_or_success(read, copy)
 
 
-@pytest.mark.parametrize("kind", ["hf", "adapter", "shards"])
+@pytest.mark.parametrize("kind", ["hf", "adapter", "shards", "compressed"])
 @FUZZ
 @given(data=st.data())
 def test_damaged_json_metadata_gives_a_clear_error(originals, tmp_path, kind, data):
@@ -160,3 +174,30 @@ def test_damaged_json_metadata_gives_a_clear_error(originals, tmp_path, kind, da
     damaged = _replace(document, path, data.draw(json_values), data.draw(st.booleans()))
     meta.write_text(json.dumps(damaged))
     _expect_clear_error_or_success(read, copy)
+
+
+WEB_INPUTS = {
+    "warc": FIXTURES / "warc" / "warcio_example-digest.warc",
+    "html": FIXTURES / "web-html" / "pages",
+}
+
+
+@pytest.mark.parametrize("kind", ["warc", "html", "jsonl"])
+@FUZZ
+@given(damage=binary_damage)
+def test_damaged_web_inputs_become_rejected_documents_not_errors(tmp_path, kind, damage):
+    """The curation readers turn a damaged input into rejected documents and go on."""
+    from openafm.data.readers import read_web_file
+
+    if kind == "jsonl":
+        data = (json.dumps({"text": "a page of text", "id": "p1"}) + "\n") * 3
+        original, name = data.encode(), "docs.jsonl"
+    elif kind == "html":
+        page = sorted(WEB_INPUTS["html"].iterdir())[0]
+        original, name = page.read_bytes(), "page.html"
+    else:
+        original, name = WEB_INPUTS["warc"].read_bytes(), "crawl.warc"
+    path = tmp_path / name
+    path.write_bytes(_damage_bytes(original, damage))
+    for document in read_web_file(str(path)):
+        assert isinstance(document.text, str)

@@ -106,7 +106,9 @@ def read_warc(path: str) -> Iterator[Document]:
                     yield Document("", doc_id, metadata=meta | {"reject": "not_html"})
                 else:
                     yield _html_document(body, doc_id, meta, content_type)
-    except (ArchiveLoadFailed, EOFError, OSError, ValueError) as err:
+    except (ArchiveLoadFailed, EOFError, OSError, ValueError, AttributeError) as err:
+        # warcio meets a damaged record with any of these (AttributeError: a header block
+        # cut short); the rest of the file is lost either way
         yield Document(
             "",
             f"{path}#{index}-truncated",

@@ -159,15 +159,34 @@ def save_compressed(
 
 
 def read_compression_meta(path: str | Path) -> dict[str, Any]:
+    """`compression.json`, with the fields a load relies on checked."""
     path = Path(path)
+    where = path / COMPRESSION_FILE
     try:
-        return json.loads((path / COMPRESSION_FILE).read_text())
+        meta = json.loads(where.read_text())
     except FileNotFoundError:
         raise CompressedModelError(
             f"{path}: no {COMPRESSION_FILE} (not a compressed model)"
         ) from None
-    except json.JSONDecodeError as exc:
-        raise CompressedModelError(f"{path / COMPRESSION_FILE}: not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CompressedModelError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict):
+        raise CompressedModelError(f"{where}: 'tensors' must map projections to their storage")
+    for name, entry in meta["tensors"].items():
+        if not (
+            isinstance(entry, dict)
+            and _positive_int(entry.get("bits"))
+            and _positive_int(entry.get("group_size"))
+            and isinstance(entry.get("row_scale"), bool)
+        ):
+            raise CompressedModelError(
+                f"{where}: {name} needs positive integer bits and group_size, and row_scale"
+            )
+    return meta
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def load_compressed(path: str | Path, *, verify: bool = True) -> Transformer:
