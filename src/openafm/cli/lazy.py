@@ -21,7 +21,7 @@ except ImportError:  # older typer uses click itself
 @dataclass(frozen=True)
 class LazyCommand:
     """Where a subcommand lives (`module`, and `attribute`: a command function or a Typer app)
-    and the one line `afm --help` shows for it (the start of its own help)."""
+    and the one-line summary of its help that `afm --help` shows."""
 
     module: str
     attribute: str
