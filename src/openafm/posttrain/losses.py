@@ -73,6 +73,13 @@ def per_response(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tens
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)
 
 
+def response_logprob(
+    logp: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, n: int
+) -> torch.Tensor:
+    """log π(y|x) of each of `n` responses from (N, V) log-probabilities at their N positions."""
+    return per_response(logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), rows, n)
+
+
 def kl_penalized_reward(
     reward: torch.Tensor, policy_logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float
 ) -> torch.Tensor:

@@ -23,7 +23,7 @@ from openafm.posttrain.losses import (
     kl_penalized_reward,
     leave_one_out_advantage,
     mdpo_loss,
-    per_response,
+    response_logprob,
     response_positions,
     rloo_clipped_loss,
 )
@@ -150,8 +150,7 @@ class PolicyTrainer:
             for s in self._micro(inputs.shape[0]):
                 keep, rows = response_positions(mask[s])
                 logp = self._response_logp(inputs[s], keep)
-                picked = logp.gather(-1, targets[s][keep].unsqueeze(-1)).squeeze(-1)
-                sums.append(per_response(picked, rows, inputs[s].shape[0]))
+                sums.append(response_logprob(logp, targets[s][keep], rows, inputs[s].shape[0]))
                 if keep_tokens:
                     kept.append(logp)
             return torch.cat(sums), kept if keep_tokens else None
@@ -254,8 +253,7 @@ class PolicyTrainer:
                 self.config.step_size,
             )
             return loss * share, stats["kl_to_old"] * n
-        picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        logprob = per_response(picked, owner, n)
+        logprob = response_logprob(logp, tokens, owner, n)
         loss = rloo_clipped_loss(
             logprob, rollout.old_logprob[rows], advantages[rows], self.config.clip
         )

@@ -37,6 +37,7 @@ from openafm.train.config import TrainConfig
 from openafm.train.context_parallel import apply_context_parallel, shard_sequence
 from openafm.train.data import BatchOrder, DataError, held_out_batches, load_windows
 from openafm.train.distill import distillation_loss
+from openafm.train.launch import threads_per_rank
 from openafm.train.mesh import MESH_DIMS, MeshSpec, build_mesh, data_parallel_rank
 from openafm.train.metrics import (
     MetricsLog,
@@ -120,7 +121,7 @@ def init_distributed(device: torch.device) -> bool:
         dist.init_process_group(backend)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if device.type == "cpu" and local > 1:  # processes on one machine share its cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            torch.set_num_threads(threads_per_rank(local))
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
