@@ -201,3 +201,35 @@ def test_damaged_web_inputs_become_rejected_documents_not_errors(tmp_path, kind,
     path.write_bytes(_damage_bytes(original, damage))
     for document in read_web_file(str(path)):
         assert isinstance(document.text, str)
+
+
+SMOLLM2_TEMPLATE = (  # the shape of the default model's template (ChatML with a default system)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+JINJA_PIECES = ["{{", "}}", "{%", "%}", "{#", " 1/0 ", "messages[7]", "|int", " + 1", "loop.",
+                "raise_exception('no')", "'", '"', " endfor ", "range(3)", "none.x", "[0]"]  # fmt: skip
+
+
+@FUZZ
+@given(
+    cut=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    inserts=st.lists(st.tuples(st.floats(0, 1), st.sampled_from(JINJA_PIECES)), max_size=3),
+)
+def test_a_damaged_chat_template_gives_a_clear_error(cut, inserts):
+    """A model's chat template is code from a file: any failure of it is one clear error."""
+    from openafm.tokenizer.chat import ChatTemplate, ChatTemplateError
+
+    source = SMOLLM2_TEMPLATE
+    start, length = int(cut[0] * len(source)), int(cut[1] * 20)
+    source = source[:start] + source[start + length :]
+    for where, piece in inserts:
+        at = int(where * len(source))
+        source = source[:at] + piece + source[at:]
+    try:
+        rendered = ChatTemplate(source).render([{"role": "user", "content": "hi"}])
+    except ChatTemplateError:
+        return
+    assert isinstance(rendered, str)

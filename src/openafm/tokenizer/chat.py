@@ -27,7 +27,7 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         try:
             self._template = env.from_string(source)
-        except TemplateError as exc:
+        except (TemplateError, TypeError, ValueError) as exc:
             raise ChatTemplateError(f"invalid chat template: {exc}") from None
         self.source = source
         self.bos_token = bos_token
@@ -51,8 +51,10 @@ class ChatTemplate:
                 eos_token=self.eos_token,
                 **extra,
             )
-        except TemplateError as exc:
-            raise ChatTemplateError(f"chat template failed: {exc}") from None
+        except ChatTemplateError:
+            raise
+        except Exception as exc:  # the template is code from a file: TypeError, 1/0, ... too
+            raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
