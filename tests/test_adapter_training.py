@@ -165,6 +165,8 @@ def test_killed_training_resumes_to_the_same_loss(tiny_dir, tmp_path):
     assert 20 <= got["resumed_from"] < steps
     assert got["final_loss"] == pytest.approx(expected["final_loss"], rel=1e-5)
     reference = _losses(tmp_path / "whole" / "run")
+    logged = [json.loads(line).get("step") for line in (cut / "run" / "metrics.jsonl").open()]
+    assert [s for s in logged if s is not None] == list(range(1, steps + 1))  # none twice
     for step, loss in _losses(cut / "run").items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
     a, b = load_adapter(tmp_path / "whole" / "out"), load_adapter(cut / "out")

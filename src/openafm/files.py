@@ -6,7 +6,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +60,33 @@ def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def read_log(path: Path) -> list[Any]:
+    """The records of an append-only JSON Lines log; a last line cut short by a kill is left out
+    (any other bad line raises, naming `path:line`)."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise JsonLinesError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    return records
+
+
+def cut_log(path: Path, keep: Callable[[Any], bool]) -> list[Any]:
+    """Keep the records of the log at `path` that `keep` accepts (a resumed run drops what came
+    after its checkpoint, and a torn last line); returns them. No file: nothing to keep."""
+    if not Path(path).exists():
+        return []
+    kept = [r for r in read_log(path) if keep(r)]
+    write_jsonl_atomic(path, kept)
+    return kept

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from openafm.adapters.lora import LoraAdapter
 from openafm.adapters.sft_data import IGNORE, Example, collate, epoch_batches, segment_ids
+from openafm.files import cut_log
 from openafm.model import Linear, Transformer
 from openafm.model.compressed import dense_copies, is_compressed
 
@@ -318,6 +319,7 @@ def train_parameters(
         scheduler.load_state_dict(state["scheduler"])
         step, last_loss = int(state["step"]), float(state["loss"])
         eval_loss = state.get("eval_loss")
+    cut_log(run_dir / METRICS, lambda r: r.get("step", 0) <= step)
     resumed_from = step
 
     micro_per_epoch = math.ceil(len(train) / config.batch_size)

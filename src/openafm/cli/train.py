@@ -57,7 +57,9 @@ MeshOpt = Annotated[
 ]
 NprocOpt = Annotated[
     int,
-    typer.Option(help="Start N local processes (gloo on the CPU, nccl on GPUs) via torchrun."),
+    typer.Option(
+        help="Start N local processes (gloo on the CPU, nccl on GPUs); cores are shared among them."
+    ),
 ]
 StepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps (overrides the config).")]
 ResumeOpt = Annotated[

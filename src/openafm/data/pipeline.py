@@ -136,7 +136,7 @@ def curate(
         target = out / "kept" if stage == corpus[-1] else work / f"{stage}_kept"
         excl = JsonlWriter(str(removed / stage))
         before, last = _corpus_stage(stage, config, str(current), work, excl, make, tasks)
-        steps = [JsonlReader(str(current)), last, JsonlWriter(str(target))]
+        steps = [_work_reader(str(current)), last, JsonlWriter(str(target))]
         phases += [*before, (stage, make(stage, steps, tasks), [None, stage, None])]
         current = target
 
@@ -148,6 +148,11 @@ def curate(
     previous.run()
     extra = {"minhash": config.minhash_s_curve()} if "fuzzy_dedup" in corpus else {}
     return write_report(out, [(name, labels) for name, _, labels in phases], extra)
+
+
+def _work_reader(folder: str) -> JsonlReader:
+    """Reads an intermediate folder without stamping the run's scratch path on each document."""
+    return JsonlReader(folder, add_file_path=False)
 
 
 def _corpus_stage(
@@ -164,7 +169,7 @@ def _corpus_stage(
         exact = ExactDedupConfig(content_getter=normalised_text)
         sigs, dups = str(work / "exact_sigs"), str(work / "exact_dups")
         before = [
-            ("exact_signatures", [JsonlReader(source), ExactDedupSignature(sigs, exact)], tasks),
+            ("exact_signatures", [_work_reader(source), ExactDedupSignature(sigs, exact)], tasks),
             ("exact_find", [ExactFindDedups(sigs, dups, exact)], 1),
         ]
         last = ExactDedupFilter(dups, exact, exclusion_writer=excl)
@@ -181,7 +186,7 @@ def _corpus_stage(
         before = [
             (
                 "fuzzy_signatures",
-                [JsonlReader(source), MinhashDedupSignature(sigs, config=minhash)],
+                [_work_reader(source), MinhashDedupSignature(sigs, config=minhash)],
                 tasks,
             ),
             (
@@ -199,7 +204,7 @@ def _corpus_stage(
         before = [
             (
                 "decontam_count",
-                [JsonlReader(source), EvalNgramCounter(str(index), counts, n)],
+                [_work_reader(source), EvalNgramCounter(str(index), counts, n)],
                 tasks,
             )
         ]

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from openafm.adapters.trainer import save_checkpoint
+from openafm.files import cut_log
 from openafm.posttrain.rl import PolicyTrainer
 
 CHECKPOINT = "checkpoint.pt"
@@ -60,18 +61,7 @@ def _resume(trainer: PolicyTrainer, run_dir: Path, key: str) -> list[dict[str, f
             p.copy_(saved)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.iteration = int(state["iteration"])
-    metrics_path = run_dir / METRICS
-    records = []
-    if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by the kill
-            if record["iteration"] <= trainer.iteration:
-                records.append(record)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return records
+    return cut_log(run_dir / METRICS, lambda r: r["iteration"] <= trainer.iteration)
 
 
 def run_rl(

@@ -11,7 +11,6 @@ float32), measured on the same processes at the start of the run.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from openafm.files import cut_log, read_log
 from openafm.model import ModelConfig
 
 METRICS = "metrics.jsonl"
@@ -89,12 +89,8 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a resumed run repeats the steps after its checkpoint)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".partial")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        if self.enabled:
+            cut_log(self.path, lambda r: r.get("step", 0) <= step)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -107,4 +103,4 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS} in {run_dir}: not a training run directory")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_log(path)
