@@ -119,6 +119,8 @@ def init_distributed(device: torch.device) -> bool:
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
+        # DTensor's hint to flatten a 2-D mesh for the gradient norm, printed once per rank
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if device.type == "cpu" and local > 1:  # processes on one machine share its cores
             torch.set_num_threads(threads_per_rank(local))
