@@ -380,6 +380,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_port_0_serves_on_a_free_port_and_says_which(tmp_path, tiny_dir):
+    command = [sys.executable, "-m", "openafm", "serve", "--model", str(tiny_dir), "--port", "0"]
+    server = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    port = 0
+    try:
+        for line in server.stderr:  # the log ends at the ready event, or the process's end
+            if '"event": "ready"' in line:
+                port = json.loads(line.split("afm: ", 1)[1])["port"]
+                break
+        assert port > 0, "no ready event"
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=60)
+    assert server.returncode == 0
+
+
 @pytest.mark.slow
 def test_private_mode_keeps_no_trace_of_a_request_anywhere(tmp_path, tiny_dir):
     """A real `afm -v serve` process at DEBUG: a canary sent in prompts, bad fields, model

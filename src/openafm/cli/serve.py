@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -59,11 +60,13 @@ def serve(
     from openafm.serve import ServeConfig, create_app
     from openafm.serve.privacy import ExceptionTypeOnly
 
+    with user_errors():  # bound here, so that --port 0 reports the port it got
+        listener = socket.create_server((host, port), family=_family(host))
     config = ServeConfig(
         model=model,
         adapters=tuple(adapters) if adapters else None,
         host=host,
-        port=port,
+        port=listener.getsockname()[1],
         api_key=api_key,
         max_batch=max_batch,
         max_queue=max_queue,
@@ -84,11 +87,18 @@ def serve(
         logging.getLogger("uvicorn.error").addFilter(ExceptionTypeOnly())
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: let that end with status 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
-        create_app(config, loader=load_named),
-        host=host,
-        port=port,
-        access_log=not private,
-        log_level="info",
-        timeout_graceful_shutdown=10,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, loader=load_named),
+            host=host,
+            port=config.port,
+            access_log=not private,
+            log_level="info",
+            timeout_graceful_shutdown=10,
+        )
     )
+    server.run(sockets=[listener])
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
