@@ -86,11 +86,17 @@ def print_error(message: str, hint: str | None = None) -> None:
 
 
 @contextmanager
-def progress_bar(title: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar with ETA on stderr; yields its advance(n)."""
+def progress_bar(
+    title: str, total: int, *, absolute: bool = False
+) -> Iterator[Callable[[int], None]]:
+    """A progress bar with ETA on stderr; yields advance(n), or with `absolute` set(done) (a
+    resumed run reports its step, and the bar starts where the run does)."""
     with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
         task = bar.add_task(title, total=total)
-        yield lambda n: bar.advance(task, n)
+        if absolute:
+            yield lambda done: bar.update(task, completed=done)
+        else:
+            yield lambda n: bar.advance(task, n)
 
 
 def setup_logging(verbose: bool = False) -> None:

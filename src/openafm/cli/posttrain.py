@@ -168,7 +168,7 @@ def rm_train(
         key = hashlib.sha256(f"{sha256_file(data)}|{max_pairs}|{max_tokens}|{signature}".encode()).hexdigest()[:16]  # fmt: skip
         adapter = None
         if lora_rank:
-            with progress_bar("reward model steps", config.steps) as advance:
+            with progress_bar("reward model steps", config.steps, absolute=True) as reached:
                 reward_model, adapter, report = train_lora_reward_model(
                     pretrained.model,
                     pretrained.tokenizer,
@@ -177,7 +177,7 @@ def rm_train(
                     cache / f"{key}-lora",
                     lora=LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank),
                     holdout=holdout,
-                    on_step=lambda step, loss: advance(1),
+                    on_step=lambda step, loss: reached(step),
                 )
         else:
             with progress_bar("answer features", 2 * len(pairs)) as advance:
@@ -476,12 +476,10 @@ def rl(
         trainer = PolicyTrainer(
             pretrained.model, pretrained.tokenizer, policy, reward, config, seed=seed
         )
-        with progress_bar(f"RL ({algo})", iterations) as advance:
-            done = [0]
+        with progress_bar(f"RL ({algo})", iterations, absolute=True) as reached:
 
             def on_iteration(stats: dict[str, float]) -> None:
-                advance(int(stats["iteration"]) - done[0])
-                done[0] = int(stats["iteration"])
+                reached(int(stats["iteration"]))
                 err_console.log(
                     f"iteration {int(stats['iteration'])}: reward {stats['reward']:.3f},"
                     f" KL(ref) {stats['kl_to_reference']:.3f}, KL(old) {stats['kl_to_old']:.4f},"
