@@ -169,6 +169,10 @@ def test_killed_training_resumes_to_the_same_loss(tiny_dir, tmp_path):
     assert [s for s in logged if s is not None] == list(range(1, steps + 1))  # none twice
     for step, loss in _losses(cut / "run").items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
+    saved = (cut / "out" / "adapter.safetensors").read_bytes()
+    again = afm(*_train_cmd(tiny_dir, data, cut, steps))  # as if killed after saving
+    assert again.returncode == 0, again.stderr.decode()
+    assert (cut / "out" / "adapter.safetensors").read_bytes() == saved
     a, b = load_adapter(tmp_path / "whole" / "out"), load_adapter(cut / "out")
     for path, (a1, b1) in a.pairs.items():
         torch.testing.assert_close(b.pairs[path][0], a1, rtol=0, atol=1e-2)

@@ -87,8 +87,12 @@ def test_the_cli_writes_a_model_directory_that_loads_and_generates(tmp_path, tin
     gen = afm("generate", "two plus two?", "--model", str(out), "--max-tokens", "4", "--json")
     assert gen.returncode == 0, gen.stderr.decode()
 
+    weights = (out / "model.safetensors").read_bytes()
+    again = afm(*args, "--out", str(out), home=tmp_path / "home")  # as after a kill past the save
+    assert again.returncode == 0, again.stderr.decode()
+    assert (out / "model.safetensors").read_bytes() == weights
     assert_one_line_error(
-        afm(*args, "--out", str(out), home=tmp_path / "home"), 1, "already exists"
+        afm(*args, "--steps", "4", "--out", str(out), home=tmp_path / "home"), 1, "already exists"
     )
     assert_one_line_error(
         afm(*args, "--init-from", "x", home=tmp_path / "home"), 2, "--full trains the base"

@@ -25,9 +25,12 @@ from openafm.adapters.sft_data import (
     tokenize_all,
 )
 from openafm.adapters.trainer import (
+    CHECKPOINT,
     StepReport,
     TrainConfig,
     TrainResult,
+    finished_checkpoint,
+    settings_key,
     train_adapter,
     train_full,
 )
@@ -96,10 +99,9 @@ def _prepare(
     run: SftRun,
     config: TrainConfig,
 ) -> _Prepared:
-    if run.out_dir.exists() and not run.overwrite:
-        raise AdapterError(f"{run.out_dir} already exists; pass --overwrite to replace it")
-    if run.restart and run.run_dir.exists():
-        shutil.rmtree(run.run_dir)
+    maybe_rerun = (run.run_dir / CHECKPOINT).exists() and not run.restart
+    if run.out_dir.exists() and not run.overwrite and not maybe_rerun:
+        raise _exists(run)
     train, too_long = tokenize_all(tokenizer, conversations, run.seq_len)
     if not train:
         raise SftDataError(f"every training example is longer than --seq-len {run.seq_len}")
@@ -125,6 +127,23 @@ def _prepare(
     }
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     return _Prepared(train, held_out, config, run_key, pad_id, facts)
+
+
+def _exists(run: SftRun) -> AdapterError:
+    return AdapterError(f"{run.out_dir} already exists; pass --overwrite to replace it")
+
+
+def _claim_out(run: SftRun, prepared: _Prepared, lora: LoraConfig | None) -> None:
+    """Refuse an existing `run.out_dir` unless it is this run's own result: a rerun of the
+    command that wrote it (killed after saving, before it ended) finds its finished checkpoint
+    and writes the same result again. Then `--restart` discards the run directory."""
+    if run.out_dir.exists() and not run.overwrite:
+        key = settings_key(prepared.config, lora, prepared.run_key)
+        if run.restart or not finished_checkpoint(run.run_dir, key, prepared.config.steps):
+            raise _exists(run)
+        log.info("%s was written by this run; writing it again", run.out_dir)
+    if run.restart and run.run_dir.exists():
+        shutil.rmtree(run.run_dir)
 
 
 def _training_record(
@@ -162,6 +181,7 @@ def run_sft(
     """
     prepared = _prepare(tokenizer, conversations, eval_conversations, run, config)
     adapter = initial_adapter(run, model, lora, signature, prepared.config.seed)
+    _claim_out(run, prepared, adapter.config)
     if on_start is not None:
         on_start(prepared.config.steps)
     result = train_adapter(
@@ -200,6 +220,7 @@ def run_full_sft(
     directory (`config.json`, `model.safetensors`, the tokenizer, `training.json`) that
     `--model` loads. `signature` is the starting base's, recorded in `training.json`."""
     prepared = _prepare(tokenizer, conversations, eval_conversations, run, config)
+    _claim_out(run, prepared, None)
     result = train_full(
         model,
         prepared.train,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from openafm.adapters.lora import LoraAdapter
+from openafm.adapters.lora import LoraAdapter, LoraConfig
 from openafm.adapters.sft_data import IGNORE, Example, collate, epoch_batches, segment_ids
 from openafm.files import cut_log
 from openafm.model import Linear, Transformer
@@ -176,19 +176,28 @@ def _batch_tensors(
     return tokens.to(device), labels.to(device), None if segments is None else segments.to(device)
 
 
-def settings_key(config: Any, adapter: LoraAdapter | None, data_checksum: str) -> str:
+def settings_key(config: Any, lora: LoraConfig | None, data_checksum: str) -> str:
     """What must match for a checkpoint to be resumed: settings (a dataclass such as
     `TrainConfig`), adapter shape (None: every weight is trained) and data."""
     blob = json.dumps(
         {
             "train": asdict(config),
-            "lora": None if adapter is None else adapter.config.to_dict(),
+            "lora": None if lora is None else lora.to_dict(),
             "data": data_checksum,
         }
-        | ({"full": True} if adapter is None else {}),
+        | ({"full": True} if lora is None else {}),
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def finished_checkpoint(run_dir: Path, key: str, steps: int) -> bool:
+    """Whether `run_dir` holds the last checkpoint of a run with settings `key`."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return False
+    state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    return state["settings_key"] == key and int(state["step"]) >= steps
 
 
 def save_checkpoint(path: Path, state: dict[str, object]) -> None:
@@ -236,7 +245,7 @@ def train_adapter(
             run_dir,
             config,
             pad_id=pad_id,
-            key=settings_key(config, adapter, data_checksum),
+            key=settings_key(config, adapter.config, data_checksum),
             eval_examples=eval_examples,
             on_step=on_step,
             loss_fn=loss_fn,

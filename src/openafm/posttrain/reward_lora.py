@@ -93,7 +93,7 @@ def train_lora_reward_model(
     n_train = len(pairs) - holdout
 
     adapter = LoraAdapter.fresh("reward", backbone, lora, seed=config.seed)
-    key = settings_key(config, adapter, _labels_checksum(sequences, labels, holdout))
+    key = settings_key(config, adapter.config, _labels_checksum(sequences, labels, holdout))
     torch.manual_seed(config.seed)
     model = RewardModel(backbone)
     freeze_base(backbone, bf16=True)
