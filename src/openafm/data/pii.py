@@ -2,7 +2,10 @@
 
 Each detector is a regular expression plus, where the format has one, a checksum (Luhn for
 cards, mod-97 for IBANs, address parsing for IPs), so that a random 16-digit number is not a
-card. Overlapping hits are resolved by type priority, then by length.
+card. Numbers without a checksum are read with the words around them, as Presidio does: "Fax:"
+or "call me on" before a number makes it a phone, "zip" or "licence" makes it not one, a street
+word after it makes it an address, and "SSN" admits an SSN written without separators.
+Overlapping hits are resolved by type priority, then by length.
 """
 
 from __future__ import annotations
