@@ -41,8 +41,10 @@ class JsonLinesError(ValueError):
     """A line of a JSON Lines file is not valid JSON."""
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line; a bad line raises naming `path:line`."""
+def read_jsonl(path: Path, *, torn_end: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line; a bad line raises naming `path:line`.
+    With `torn_end`, an unparsable last line without its newline (an append cut short by a
+    kill) ends the file instead."""
     with Path(path).open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -50,6 +52,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as exc:
+                if torn_end and not line.endswith("\n"):
+                    return
                 raise JsonLinesError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
 
 
@@ -65,21 +69,7 @@ def write_jsonl_atomic(path: Path, rows: Iterable[Any]) -> None:
 def read_log(path: Path) -> list[Any]:
     """The records of an append-only JSON Lines log; a last line cut short by a kill is left out
     (any other bad line raises, naming `path:line`)."""
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.splitlines()
-    if lines and not text.endswith("\n"):
-        try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:
-            lines.pop()
-    records = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise JsonLinesError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-    return records
+    return [record for _, record in read_jsonl(path, torn_end=True)]
 
 
 def cut_log(path: Path, keep: Callable[[Any], bool]) -> list[Any]:
