@@ -79,22 +79,23 @@ def test_a_saved_lora_reward_model_scores_as_it_did_when_trained(tmp_path):
     reward_model, adapter, _ = _train(tmp_path / "run", RewardTrainConfig(steps=5, batch_size=4))
     tokenizer = byte_tokenizer()
     prompts, answers = [(("user", "say"),)] * 2, ["good river stone", "bad river stone"]
-    before, _ = score_answers(reward_model, tokenizer, prompts, answers, max_tokens=64)
+    before, _ = score_answers(reward_model, tokenizer, prompts, answers)
     meta = {"base_signature": "abc", "tokenizer": tokenizer.fingerprint(), "max_tokens": 64}
     save_reward_model(reward_model, tmp_path / "rm", meta, adapter)
     assert (tmp_path / "rm" / "adapter" / "adapter.json").is_file()
+    assert "base_signature" not in adapter.metadata  # signed on disk, the caller's left alone
     fresh = make_tiny()
     with torch.no_grad():
         fresh.embed.weight.mul_(25)
     loaded = load_reward_model(tmp_path / "rm", fresh, "abc", tokenizer)
-    after, _ = score_answers(loaded, tokenizer, prompts, answers, max_tokens=64)
+    assert loaded.max_tokens == 64  # scoring keeps the window it was trained on
+    after, _ = score_answers(loaded, tokenizer, prompts, answers)
     assert after == pytest.approx(before, abs=2e-2)
     plain, _ = score_answers(
         load_reward_model(tmp_path / "rm", make_tiny(), "abc", tokenizer),
         tokenizer,
         prompts,
         answers,
-        max_tokens=64,
     )
     assert plain != pytest.approx(before, abs=2e-2)  # the embeddings differ: a real check
 

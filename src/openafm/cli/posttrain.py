@@ -234,12 +234,9 @@ def rm_score(
         rm = load_reward_model(
             reward_model, pretrained.model, pretrained.signature(), pretrained.tokenizer
         )
-        max_tokens = int(json.loads((reward_model / "reward_model.json").read_text())["max_tokens"])
         prompts_ = [p.prompt for p in pairs for _ in range(2)]
         answers = [a for p in pairs for a in (p.chosen, p.rejected)]
-        rewards, grades = score_answers(
-            rm, pretrained.tokenizer, prompts_, answers, max_tokens=max_tokens
-        )
+        rewards, grades = score_answers(rm, pretrained.tokenizer, prompts_, answers)
         rows = [
             {
                 "pair": i,

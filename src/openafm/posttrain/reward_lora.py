@@ -95,7 +95,7 @@ def train_lora_reward_model(
     adapter = LoraAdapter.fresh("reward", backbone, lora, seed=config.seed)
     key = settings_key(config, adapter.config, _labels_checksum(sequences, labels, holdout))
     torch.manual_seed(config.seed)
-    model = RewardModel(backbone)
+    model = RewardModel(backbone, max_tokens=config.max_tokens)
     freeze_base(backbone, bf16=True)
     adapter.attach(backbone)
     heads = [*model.reward_head.parameters(), *model.grade_heads.parameters()]

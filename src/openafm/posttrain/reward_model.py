@@ -20,9 +20,12 @@ LEVELS = 3
 class RewardModel(nn.Module):
     """A backbone (LoRA on it, or trained in full) and the reward and grading heads."""
 
-    def __init__(self, backbone: Transformer, grade_hidden: int = 256) -> None:
+    def __init__(
+        self, backbone: Transformer, grade_hidden: int = 256, max_tokens: int = 512
+    ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.max_tokens = max_tokens  # the window it was trained on: scoring keeps the same
         dim = backbone.config.dim
         self.reward_head = nn.Linear(dim, 1)
         self.grade_heads = nn.ModuleList(

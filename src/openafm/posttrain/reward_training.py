@@ -14,7 +14,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -285,8 +285,8 @@ def save_reward_model(
     try:
         save_file(state, str(tmp / HEADS_FILE))
         if adapter is not None:
-            adapter.metadata = {**adapter.metadata, "base_signature": meta["base_signature"]}
-            save_adapter(adapter, tmp / ADAPTER_DIR)
+            signed = {**adapter.metadata, "base_signature": meta["base_signature"]}
+            save_adapter(replace(adapter, metadata=signed), tmp / ADAPTER_DIR)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         replace_dir(tmp, directory)
     except BaseException:
@@ -313,7 +313,11 @@ def load_reward_model(
         )
     if meta.get("tokenizer") != tokenizer.fingerprint():
         raise RewardModelError(f"{directory} was trained with another tokenizer")
-    model = RewardModel(backbone, grade_hidden=int(meta.get("grade_hidden", 256)))
+    model = RewardModel(
+        backbone,
+        grade_hidden=int(meta.get("grade_hidden", 256)),
+        max_tokens=int(meta.get("max_tokens", 512)),
+    )
     try:
         state = load_file(str(directory / HEADS_FILE))
     except Exception as error:  # safetensors raises its own error types
@@ -337,12 +341,12 @@ def score_answers(
     prompts: Sequence[Messages],
     answers: Sequence[str],
     *,
-    max_tokens: int = 512,
     batch_size: int = 8,
 ) -> tuple[list[float], list[list[int]]]:
-    """The reward of each (prompt, answer) and its predicted grade level per head."""
+    """The reward of each (prompt, answer) and its predicted grade level per head, each
+    sequence cut to the window the model was trained on."""
     sequences = [
-        answer_ids(tokenizer, p, a, max_tokens) for p, a in zip(prompts, answers, strict=True)
+        answer_ids(tokenizer, p, a, model.max_tokens) for p, a in zip(prompts, answers, strict=True)
     ]
     pad = tokenizer.eos_id or 0
     features = last_hidden_states(model.backbone, sequences, pad=pad, batch_size=batch_size)
@@ -401,7 +405,7 @@ def fit_reward_model(
         )
         report["length_balanced_pairs"] = sum(length_balanced(*lengths))
     torch.manual_seed(config.seed)
-    model = RewardModel(backbone)
+    model = RewardModel(backbone, max_tokens=config.max_tokens)
     report |= train_heads(model, features, config)
     report["training_accuracy"] = round(pairwise_accuracy(model, features), 4)
     return model, report
