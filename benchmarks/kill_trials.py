@@ -32,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_decode import cpu  # noqa: E402
+
 TEXT = ROOT / "tests" / "fixtures" / "text" / "pride_and_prejudice_excerpt.txt"
 WARCS = [ROOT / "tests" / "fixtures" / "warc" / f"sample-000{i}.warc.gz" for i in (0, 1)]
 
@@ -246,7 +249,7 @@ def main() -> None:
         rows = []
         for i, target in enumerate(chosen):
             rows.append(trial_table(target, work / f"target-{i}", args.trials, rng))
-    report = {"cpu_threads": os.cpu_count(), "seed": args.seed, "targets": rows}
+    report = {"machine": cpu(), "seed": args.seed, "targets": rows}
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
