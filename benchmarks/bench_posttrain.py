@@ -6,8 +6,10 @@
   policy's token log-probabilities kept from the rollout pass), RLOO's, and the reward model's
   feature pass, as
   ratios to a LoRA SFT step (batch 8, bf16 autocast);
-each the median of `--repeats`, with 1 and 2 threads, quiet and (unless --quiet-only) beside a
-CPU-bound process.
+each the median of `--repeats`, with 1 and 2 threads fixed and with the thread tuner the RL
+trainer uses by default (decode steps, log-prob passes and update micro-steps each pick 1 or all
+cores by timing), quiet and (unless --quiet-only) beside a CPU-bound process; `tuned_vs_fixed`
+gives the tuner's rates as ratios to each fixed count in the same condition.
 
     python benchmarks/bench_posttrain.py [--repeats 3] [--out docs/bench_posttrain.json]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +37,7 @@ PROMPTS = [
     "Describe a sunrise. Wrap your entire response in double quotation marks.",
 ]
 NEW_TOKENS = 64
+TUNED_FIGURES = ("rollout_tokens_per_s", "mdloo_update_tokens_per_s", "rloo_update_tokens_per_s")
 
 
 def _median_rate(fn, repeats: int) -> float:
@@ -46,7 +50,7 @@ def _median_rate(fn, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def measure(threads: int, repeats: int) -> dict[str, float]:
+def measure(threads: int, repeats: int, tune: bool) -> dict[str, float]:
     from openafm.adapters import LoraAdapter, LoraConfig
     from openafm.adapters.sft_data import collate, tokenize_all
     from openafm.adapters.trainer import answer_loss
@@ -60,7 +64,7 @@ def measure(threads: int, repeats: int) -> dict[str, float]:
     model, tokenizer = pretrained.model, pretrained.tokenizer
     ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     fixed = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=0, ignore_eos=True)
-    engine = Engine(model, tokenizer, tune_threads=False)
+    engine = Engine(model, tokenizer, tune_threads=tune)
 
     def decode_one() -> int:
         return len(engine.generate([ids[0]], fixed)[0].token_ids)
@@ -98,7 +102,7 @@ def measure(threads: int, repeats: int) -> dict[str, float]:
         config = RLConfig(
             algo=algo, k=4, max_tokens=NEW_TOKENS, bf16=True, temperature=1.0, lr=1e-5
         )
-        trainer = PolicyTrainer(model, tokenizer, policy, reward, config)
+        trainer = PolicyTrainer(model, tokenizer, policy, reward, config, tune_threads=tune)
         batch = trainer.rollout(ids)
 
         def update(trainer=trainer, batch=batch) -> int:
@@ -122,9 +126,11 @@ def measure(threads: int, repeats: int) -> dict[str, float]:
     return {k: round(v, 3) for k, v in {**figures, **ratios}.items()}
 
 
-def spawn(threads: int, repeats: int) -> dict[str, float]:
+def spawn(threads: int, repeats: int, tune: bool) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", str(threads), "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [*cmd, *(["--tune"] if tune else [])], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         sys.exit(f"worker with {threads} threads failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -136,21 +142,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--quiet-only", action="store_true", help="skip the busy-neighbour runs")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker, args.repeats)))
+        print(json.dumps(measure(args.worker, args.repeats, args.tune)))
         return
-    results = {"machine": cpu(), "new_tokens": NEW_TOKENS, "repeats": args.repeats}
-    for threads in (1, 2):
-        results[f"threads {threads} quiet"] = spawn(threads, args.repeats)
-    if not args.quiet_only:
-        burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    results: dict[str, object] = {"machine": cpu(), "new_tokens": NEW_TOKENS}
+    results["repeats"] = args.repeats
+    cores = os.cpu_count() or 1
+    settings = {"threads 1": (1, False), "threads 2": (2, False), "tuned": (cores, True)}
+    for condition in ("quiet", "busy")[: 1 if args.quiet_only else 2]:
+        burner = None
+        if condition == "busy":
+            burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
-            for threads in (1, 2):
-                results[f"threads {threads} busy"] = spawn(threads, args.repeats)
+            for name, (threads, tune) in settings.items():
+                results[f"{name} {condition}"] = spawn(threads, args.repeats, tune)
         finally:
-            burner.kill()
-            burner.wait()
+            if burner is not None:
+                burner.kill()
+                burner.wait()
+        results[f"tuned_vs_fixed {condition}"] = {
+            f"{figure}_vs_{fixed}": round(
+                results[f"tuned {condition}"][figure] / results[f"{fixed} {condition}"][figure], 3
+            )
+            for fixed in ("threads 1", "threads 2")
+            for figure in TUNED_FIGURES
+        }
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

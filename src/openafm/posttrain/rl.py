@@ -6,6 +6,10 @@ The model's head runs at the response positions only. For MDLOO the rollout poli
 log-probabilities over the whole vocabulary at those positions are kept from the rollout pass
 (4 bytes per response token and vocabulary entry: about 1.6 GB for 32 answers of 256 tokens and a
 49k vocabulary), so an update needs one forward per micro-batch, not two.
+
+Rollout decode steps, the log-probability passes and the update's micro-steps each choose their
+thread count by timing (`ThreadTuner`): on a machine another process keeps busy, a fixed count
+of all cores runs them 2-3x slower than one thread.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from openafm.posttrain.losses import (
 )
 from openafm.runtime import Completion, Engine, SamplingParams
 from openafm.runtime.batches import generate_continuously
+from openafm.runtime.threads import ThreadTuner, tuned
 from openafm.tokenizer import Tokenizer
 
 Reward = Callable[[int, Completion], float]
@@ -108,10 +113,13 @@ class PolicyTrainer:
         *,
         seed: int = 0,
         reference: LoraAdapter | None = None,
+        tune_threads: bool = True,
     ) -> None:
         self.model, self.adapter, self.reward, self.config = model, adapter, reward, config
         self.reference = (reference or adapter).to(torch.float32)
-        self.engine = Engine(model, tokenizer, tune_threads=False)
+        self.engine = Engine(model, tokenizer, tune_threads=tune_threads)
+        self.pass_threads = ThreadTuner() if tune_threads else None  # no-grad log-prob passes
+        self.update_threads = ThreadTuner() if tune_threads else None  # forward + backward
         self.optimizer = torch.optim.Adam(adapter.parameters(), lr=config.lr)
         self.seed = seed
         self.iteration = 0
@@ -149,7 +157,8 @@ class PolicyTrainer:
         try:
             for s in self._micro(inputs.shape[0]):
                 keep, rows = response_positions(mask[s])
-                logp = self._response_logp(inputs[s], keep)
+                with tuned(self.pass_threads):
+                    logp = self._response_logp(inputs[s], keep)
                 sums.append(response_logprob(logp, targets[s][keep], rows, inputs[s].shape[0]))
                 if keep_tokens:
                     kept.append(logp)
@@ -271,8 +280,9 @@ class PolicyTrainer:
             self.optimizer.zero_grad()
             totals = torch.zeros(2)  # the objective and the summed KL to the rollout policy
             for index, rows in list(enumerate(self._micro(n)))[rank::world]:
-                loss, kl = self._micro_loss(rollout, index, rows, advantages)
-                loss.backward()
+                with tuned(self.update_threads):
+                    loss, kl = self._micro_loss(rollout, index, rows, advantages)
+                    loss.backward()
                 totals += torch.tensor([float(loss.detach()), kl])
             if world > 1:
                 for p in self.adapter.parameters():
