@@ -4,12 +4,11 @@
   ratio to plain batch-1 decode;
 - rl_update: tokens/s of one MDLOO update (μ = 2 passes over the rollout, against the rollout
   policy's token log-probabilities kept from the rollout pass), RLOO's, and the reward model's
-  feature pass, as
-  ratios to a LoRA SFT step (batch 8, bf16 autocast);
-each the median of `--repeats`, with 1 and 2 threads fixed and with the thread tuner the RL
-trainer uses by default (decode steps, log-prob passes and update micro-steps each pick 1 or all
-cores by timing), quiet and (unless --quiet-only) beside a CPU-bound process; `tuned_vs_fixed`
-gives the tuner's rates as ratios to each fixed count in the same condition.
+  feature pass, as ratios to a LoRA SFT step (batch 8, bf16 autocast);
+each the median of `--repeats`, with 1 and 2 threads fixed and as the RL trainer runs by default
+(all cores; rollout decode steps pick 1 or all by timing), quiet and (unless --quiet-only) beside
+a CPU-bound process; `tuned_vs_fixed` gives the default's rates as ratios to each fixed count in
+the same condition.
 
     python benchmarks/bench_posttrain.py [--repeats 3] [--out docs/bench_posttrain.json]
 """

@@ -7,9 +7,10 @@ log-probabilities over the whole vocabulary at those positions are kept from the
 (4 bytes per response token and vocabulary entry: about 1.6 GB for 32 answers of 256 tokens and a
 49k vocabulary), so an update needs one forward per micro-batch, not two.
 
-Rollout decode steps, the log-probability passes and the update's micro-steps each choose their
-thread count by timing (`ThreadTuner`): on a machine another process keeps busy, a fixed count
-of all cores runs them 2-3x slower than one thread.
+Rollout decode steps choose their thread count by timing (the engine's `ThreadTuner`): beside a
+busy process a fixed count of all cores decodes 2-3x slower than one thread. The log-probability
+passes and the updates keep PyTorch's setting: the same tuner on their micro-steps picked one
+thread on an idle machine, where two ran updates 1.4-1.6x faster (docs/posttraining.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from openafm.posttrain.losses import (
 )
 from openafm.runtime import Completion, Engine, SamplingParams
 from openafm.runtime.batches import generate_continuously
-from openafm.runtime.threads import ThreadTuner, tuned
 from openafm.tokenizer import Tokenizer
 
 Reward = Callable[[int, Completion], float]
@@ -118,8 +118,6 @@ class PolicyTrainer:
         self.model, self.adapter, self.reward, self.config = model, adapter, reward, config
         self.reference = (reference or adapter).to(torch.float32)
         self.engine = Engine(model, tokenizer, tune_threads=tune_threads)
-        self.pass_threads = ThreadTuner() if tune_threads else None  # no-grad log-prob passes
-        self.update_threads = ThreadTuner() if tune_threads else None  # forward + backward
         self.optimizer = torch.optim.Adam(adapter.parameters(), lr=config.lr)
         self.seed = seed
         self.iteration = 0
@@ -157,8 +155,7 @@ class PolicyTrainer:
         try:
             for s in self._micro(inputs.shape[0]):
                 keep, rows = response_positions(mask[s])
-                with tuned(self.pass_threads):
-                    logp = self._response_logp(inputs[s], keep)
+                logp = self._response_logp(inputs[s], keep)
                 sums.append(response_logprob(logp, targets[s][keep], rows, inputs[s].shape[0]))
                 if keep_tokens:
                     kept.append(logp)
@@ -280,9 +277,8 @@ class PolicyTrainer:
             self.optimizer.zero_grad()
             totals = torch.zeros(2)  # the objective and the summed KL to the rollout policy
             for index, rows in list(enumerate(self._micro(n)))[rank::world]:
-                with tuned(self.update_threads):
-                    loss, kl = self._micro_loss(rollout, index, rows, advantages)
-                    loss.backward()
+                loss, kl = self._micro_loss(rollout, index, rows, advantages)
+                loss.backward()
                 totals += torch.tensor([float(loss.detach()), kl])
             if world > 1:
                 for p in self.adapter.parameters():
