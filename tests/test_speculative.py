@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openafm.runtime import DraftModel, Engine, PromptLookup, SamplingParams
+from openafm.runtime import DraftModel, Engine, PromptLookup, SamplingParams, threads
 from openafm.runtime.speculative import next_draft_length, verify
 from openafm.runtime.threads import IdleCores, ThreadTuner
 from tests.conftest import FIXTURES, byte_tokenizer, make_tiny
@@ -211,6 +211,34 @@ def test_no_probe_of_more_threads_while_the_machine_has_no_idle_core():
     idle.cores = 0.9  # the neighbour stops: more threads are tried within one interval
     used = _run_tuner(tuner, 40, slow_threads=1)
     assert tuner.best == 2 and used[-5:] == [2] * 5
+
+
+class ClockedIdle(FakeIdle):
+    """Idle cores as the test sets them; the reading's span is real time since `restart()`."""
+
+    def __init__(self, cores: float) -> None:
+        super().__init__(cores)
+        self.restart()
+
+    def restart(self) -> None:
+        self.started = time.monotonic()
+
+    def span(self) -> float:
+        return time.monotonic() - self.started
+
+
+def test_steps_longer_than_a_reading_still_probe(monkeypatch):
+    # an RL update's micro-step takes 1-2 s, longer than the freshest reading the tuner uses
+    # (1 s): read over the last step, not restarted after it, or the probe never comes
+    monkeypatch.setattr(threads, "MIN_SPAN", 0.01)
+    monkeypatch.setattr(threads, "MAX_SPAN", 0.02)
+    tuner = ThreadTuner(candidates=(1, 2), idle_cores=ClockedIdle(0.9))
+    used = []
+    for _ in range(14):
+        with tuner.step():
+            used.append(torch.get_num_threads())
+            time.sleep(0.06 if used[-1] == 1 else 0.03)
+    assert tuner.probes == 1 and used[8:10] == [2, 2] and used[-3:] == [2] * 3
 
 
 def test_idle_cores_are_read_from_the_kernel_counters(tmp_path):

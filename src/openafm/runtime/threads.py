@@ -102,6 +102,8 @@ class ThreadTuner:
             yield
             return
         threads = self._next_threads()
+        if not self._plan and self.idle_cores.span() > MAX_SPAN:
+            self.idle_cores.restart()  # a stale reading: read the load over the coming step(s)
         before = torch.get_num_threads()
         if threads != before:
             torch.set_num_threads(threads)
@@ -120,7 +122,7 @@ class ThreadTuner:
             if not self._plan:
                 self._decide()
             return
-        if self._until_probe == WINDOW or self.idle_cores.span() > MAX_SPAN:
+        if self._until_probe == WINDOW:
             self.idle_cores.restart()  # a recent reading for the coming probe
         self._until_probe -= 1
         self._recent = [*self._recent[-(WINDOW - 1) :], seconds]
