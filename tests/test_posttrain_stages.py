@@ -333,6 +333,10 @@ def test_mcnemar_and_the_paired_comparison_by_hand():
     assert (over["prompts"], over["before"], over["after"]) == (1, 1.0, 0.0)
     violation = compare(safety_before, safety_after, "violation")
     assert (violation["prompts"], violation["before"], violation["after"]) == (1, 1.0, 0.0)
+    with pytest.raises(ValueError, match="use refusal, over_refusal or violation"):
+        compare(safety_before, safety_after, "prompt_strict")  # a KeyError once
+    with pytest.raises(ValueError, match="use an IFEval metric"):
+        compare(rows_before, rows_after, "violation")
 
 
 def _constraint_file(path):

@@ -46,6 +46,11 @@ def mcnemar_exact(before: Sequence[bool], after: Sequence[bool]) -> dict[str, fl
 
 def outcomes(row: Mapping[str, object], metric: str) -> list[bool]:
     """The row's outcomes for `metric`: one per prompt, or one per instruction."""
+    field = "refusal" if metric in PER_PROMPT else metric.partition("_")[2]
+    if field not in row:
+        kind = "safety" if metric in PER_PROMPT else "IFEval"
+        other = "an IFEval metric" if metric in PER_PROMPT else "refusal, over_refusal or violation"
+        raise ValueError(f"{metric} compares {kind} rows, and these have no {field!r}: use {other}")
     if metric in ("refusal", "over_refusal"):
         return [bool(row["refusal"])]
     if metric == "violation":
