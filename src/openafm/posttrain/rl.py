@@ -9,8 +9,9 @@ log-probabilities over the whole vocabulary at those positions are kept from the
 
 Rollout decode steps choose their thread count by timing (the engine's `ThreadTuner`): beside a
 busy process a fixed count of all cores decodes 2-3x slower than one thread. The log-probability
-passes and the updates keep PyTorch's setting: the same tuner on their micro-steps picked one
-thread on an idle machine, where two ran updates 1.4-1.6x faster (docs/posttraining.md).
+passes and the updates keep PyTorch's setting for now: the tuner, once put on them, never probed
+steps over a second long (since fixed), and its rerun benchmark is still to come
+(docs/posttraining.md).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from openafm.runtime.adapter_cache import AdapterCache, overlaid, overlay
 from openafm.runtime.detokenize import IncrementalDetokenizer, RowText, StopMatcher
 from openafm.runtime.sampling import SamplingParams, sample_next, seeded_generator
 from openafm.runtime.speculative import Drafter, DraftModel, next_draft_length, verify
-from openafm.runtime.threads import ThreadTuner, tuned
+from openafm.runtime.threads import ThreadTuner
 from openafm.tokenizer import Tokenizer
 
 
@@ -258,7 +258,7 @@ class Engine:
 
     def decode_threads(self) -> contextlib.AbstractContextManager[None]:
         """The thread count the tuner picks for one decode step."""
-        return tuned(self.threads)
+        return self.threads.step() if self.threads is not None else contextlib.nullcontext()
 
     def _decode(
         self,

@@ -13,7 +13,6 @@ slow. A re-probe times one step of each other count against that median.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import statistics
@@ -161,8 +160,3 @@ class ThreadTuner:
         self.best, self.best_time = winner, medians[winner]
         self._until_probe = self.interval
         self._recent = []
-
-
-def tuned(tuner: ThreadTuner | None) -> contextlib.AbstractContextManager[None]:
-    """One step under `tuner`'s thread count, or PyTorch's setting where there is no tuner."""
-    return tuner.step() if tuner is not None else contextlib.nullcontext()
