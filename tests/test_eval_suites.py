@@ -292,6 +292,50 @@ def test_ifeval_command_scores_responses_writes_predictions_and_rescores_them(tm
     assert unknown.exit_code == 1 and "unknown adapter 'no-such-adapter'" in unknown.output
 
 
+def test_a_killed_evaluation_resumes_from_its_journal_and_ends_as_one_run_would(
+    tiny_long_dir, tmp_path, monkeypatch
+):
+    from openafm.runtime.engine import Engine
+
+    generate = Engine.generate
+    calls = {"n": 0, "fail_at": None}
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise KeyboardInterrupt  # the kill
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", counted)
+    args = ["eval", "ifeval", "--data", str(PROMPTS), "--model", str(tiny_long_dir)]
+    args += ["--limit", "6", "--batch-size", "2", "--max-tokens", "6", "--json"]
+
+    def run(predictions, fail_at=None):
+        calls.update(n=0, fail_at=fail_at)
+        return CliRunner().invoke(app, [*args, "--predictions", str(predictions)])
+
+    whole = tmp_path / "whole.jsonl"
+    assert run(whole).exit_code == 0 and calls["n"] == 3
+    assert not (tmp_path / "whole.jsonl.journal").exists()  # removed once the rows are written
+
+    killed = tmp_path / "killed.jsonl"
+    journal = tmp_path / "killed.jsonl.journal"
+    assert run(killed, fail_at=3).exit_code != 0 and not killed.exists()
+    assert len(journal.read_text().splitlines()) == 3  # the run's header and two batches
+    with journal.open("a") as f:
+        f.write('{"indices": [4, 5], "compl')  # a batch torn by the kill
+    resumed = run(killed)
+    assert resumed.exit_code == 0 and calls["n"] == 1  # only the third batch is generated
+    assert json.loads(resumed.stdout)["resumed_answers"] == 4
+    assert killed.read_text() == whole.read_text()
+    assert not journal.exists()
+
+    other = tmp_path / "other.jsonl"
+    assert run(other, fail_at=2).exit_code != 0
+    args[args.index("--max-tokens") + 1] = "5"  # another run: its journal is not used
+    assert run(other).exit_code == 0 and calls["n"] == 3
+
+
 @pytest.mark.slow
 def test_safety_command_generates_with_the_real_model_and_judges_each_reply(tmp_path):
     predictions = tmp_path / "xstest.jsonl"

@@ -30,6 +30,7 @@ from openafm.eval.suites import SuiteResult, score_ifeval, score_safety
 from openafm.files import write_jsonl_atomic
 from openafm.runtime import Engine, engine_for
 from openafm.runtime.batches import greedy_chat_responses
+from openafm.runtime.journal import AnswerJournal, prompts_checksum
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -42,7 +43,11 @@ AdapterOption = Annotated[
 BatchOption = Annotated[int, typer.Option(min=1, help="Prompts generated together.")]
 PredictionsOption = Annotated[
     Path | None,
-    typer.Option(help="Write one JSON line per example here (prompt, response, verdicts)."),
+    typer.Option(
+        help="Write one JSON line per example here (prompt, response, verdicts). Answers are"
+        " saved batch by batch in FILE.journal meanwhile: the same command run again after a"
+        " kill resumes from them."
+    ),
 ]
 ResponsesOption = Annotated[
     Path | None,
@@ -62,12 +67,32 @@ def load_engine(model: str | None) -> tuple[Engine, str]:
 
 
 def _answers(
-    prompts: list[str], model: str | None, adapter: str | None, max_tokens: int, batch_size: int
+    prompts: list[str],
+    model: str | None,
+    adapter: str | None,
+    max_tokens: int,
+    batch_size: int,
+    journal_path: Path | None,
 ) -> tuple[list[str], list[bool], dict[str, object]]:
     """Greedy chat answers from the model, which of them the token cap cut, and the run's
-    settings and speed."""
-    adapter_signature(adapter)  # an unknown adapter fails before the model loads
+    settings and speed; batches already in the journal at `journal_path` are not regenerated."""
+    adapter_sha = adapter_signature(adapter)  # an unknown adapter fails before the model loads
     engine, signature = load_engine(model)
+    journal = None
+    if journal_path is not None:
+        key = {
+            "model_signature": signature,
+            "adapter_signature": adapter_sha,
+            "max_tokens": max_tokens,
+            "batch_size": batch_size,
+            "prompts_sha256": prompts_checksum(prompts),
+        }
+        journal = AnswerJournal(journal_path, key)
+        if journal.stale:
+            err_console.print(f"{journal_path} is from another run: starting afresh")
+        elif journal.known:
+            err_console.print(f"resuming: {len(journal.known)} answers from {journal_path}")
+    resumed = len(journal.known) if journal is not None else 0
     start = time.perf_counter()
     with progress_bar(f"generating ({adapter or 'no adapter'})", len(prompts)) as advance:
         done, decoding = greedy_chat_responses(
@@ -77,9 +102,12 @@ def _answers(
             adapter=adapter,
             batch_size=batch_size,
             on_batch=advance,
+            journal=journal,
         )
     decoding = {**decoding, "batch_size": batch_size}
-    run = run_record(model, signature, decoding, start, len(prompts))
+    run = run_record(model, signature, decoding, start, len(prompts) - resumed)
+    if resumed:
+        run["resumed_answers"] = resumed
     return [c.text for c in done], [c.finish_reason == "length" for c in done], run
 
 
@@ -104,13 +132,20 @@ def _given_or_answers(
     adapter: str | None,
     max_tokens: int,
     batch_size: int,
+    predictions: Path | None,
 ) -> tuple[list[str], list[bool] | None, dict[str, object]]:
-    """The responses of a file to re-score, or the model's answers; which answers the cap cut
-    (None for a file); and the run's record."""
+    """The responses of a file to re-score, or the model's answers (journalled beside
+    `predictions`); which answers the cap cut (None for a file); and the run's record."""
     if responses is not None:
         given = responses_by_prompt(responses, asked)
         return given, None, {"responses": str(responses), "model": None}
-    return _answers(asked, model, adapter, max_tokens, batch_size)
+    journal = None if predictions is None else journal_path(predictions)
+    return _answers(asked, model, adapter, max_tokens, batch_size, journal)
+
+
+def journal_path(predictions: Path) -> Path:
+    """Where answers wait, batch by batch, until the predictions file is written."""
+    return predictions.with_name(predictions.name + ".journal")
 
 
 def provenance_of(
@@ -132,6 +167,7 @@ def _finish(result: SuiteResult, predictions: Path | None, json_output: bool) ->
     """Write the rows; print the JSON (True) or leave the summary to the caller (False)."""
     if predictions is not None:
         write_jsonl_atomic(predictions, result.rows)
+        journal_path(predictions).unlink(missing_ok=True)
     if json_output:
         print_json(result.figures)
     return json_output
@@ -168,7 +204,7 @@ def ifeval_cmd(
         prompts = ifeval.read_prompts(data)[:limit]
         asked = [p.prompt for p in prompts]
         texts, cut, run = _given_or_answers(
-            responses, asked, model, adapter, max_tokens, batch_size
+            responses, asked, model, adapter, max_tokens, batch_size, predictions
         )
         result = score_ifeval(prompts, texts, cut)
         result.figures |= provenance_of(data, adapter, run)
@@ -216,7 +252,9 @@ def safety_cmd(
     with user_errors():
         prompts = safety.read_safety_prompts(data, kind)[:limit]
         asked = [p.prompt for p in prompts]
-        texts, _, run = _given_or_answers(responses, asked, model, adapter, max_tokens, batch_size)
+        texts, _, run = _given_or_answers(
+            responses, asked, model, adapter, max_tokens, batch_size, predictions
+        )
         result = score_safety(kind, prompts, texts)
         result.figures |= provenance_of(data, adapter, run)
         if _finish(result, predictions, json_output):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from openafm.runtime.engine import Completion, Engine
+from openafm.runtime.journal import AnswerJournal
 from openafm.runtime.sampling import SamplingParams
 
 
@@ -16,14 +17,22 @@ def generate_in_batches(
     adapter: str | None = None,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    journal: AnswerJournal | None = None,
 ) -> list[Completion]:
     """Completions of `prompts`, generated `batch_size` at a time, shortest prompts first (less
-    padding per batch); `on_batch(n)` after each batch of n."""
+    padding per batch); `on_batch(n)` after each batch of n. With a `journal`, batches it holds
+    are taken from it and each new one is recorded in it."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Completion | None] = [None] * len(prompts)
+    known = journal.known if journal is not None else {}
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        done = engine.generate([prompts[i] for i in batch], params, adapters=adapter)
+        if all(i in known for i in batch):
+            done = [known[i] for i in batch]
+        else:
+            done = engine.generate([prompts[i] for i in batch], params, adapters=adapter)
+            if journal is not None:
+                journal.record(batch, done)
         for i, completion in zip(batch, done, strict=True):
             out[i] = completion
         if on_batch is not None:
@@ -39,12 +48,19 @@ def greedy_chat_responses(
     adapter: str | None = None,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    journal: AnswerJournal | None = None,
 ) -> tuple[list[Completion], dict[str, object]]:
     """Greedy answers to single-turn chat prompts, and the decoding settings used."""
     ids = [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     done = generate_in_batches(
-        engine, ids, params, adapter=adapter, batch_size=batch_size, on_batch=on_batch
+        engine,
+        ids,
+        params,
+        adapter=adapter,
+        batch_size=batch_size,
+        on_batch=on_batch,
+        journal=journal,
     )
     decoding = {"temperature": 0.0, "max_tokens": max_tokens, "chat_template": True}
     return done, decoding
