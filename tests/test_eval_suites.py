@@ -517,7 +517,7 @@ def test_report_runs_every_suite_once_then_reads_the_cache(tiny_long_dir, tmp_pa
     for chart in ("ifeval", "xstest", "aeslc", "dialogsum", "injection"):
         assert (out / f"{chart}.png").read_bytes()[:4] == b"\x89PNG"
     cached = sorted(p.name for p in (out / "cache").glob("*.json"))
-    assert len(cached) == 5
+    assert len(cached) == 5 and not list((out / "cache").glob("*.journal"))  # done: no journal
     ifeval_run = next((out / "cache").glob("ifeval-*.json"))
     figures = json.loads(ifeval_run.read_text())
     ifeval_rows = [json.loads(r) for r in ifeval_run.with_suffix(".jsonl").read_text().splitlines()]

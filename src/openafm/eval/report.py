@@ -32,6 +32,7 @@ from openafm.features.summarize import FEATURES, SummaryFeature, replies
 from openafm.files import read_records, sha256_file, write_json_atomic, write_jsonl_atomic
 from openafm.runtime import Engine
 from openafm.runtime.batches import greedy_chat_responses
+from openafm.runtime.journal import AnswerJournal
 
 SUITE_ORDER = (
     "aeslc",
@@ -173,10 +174,21 @@ def _records(path: Path, limit: int | None) -> list[dict[str, object]]:
 
 
 def run_suite(
-    suite: str, engine: Engine, variant: Variant, data: SuiteData, advance: Callable[[int], None]
+    suite: str,
+    engine: Engine,
+    variant: Variant,
+    data: SuiteData,
+    advance: Callable[[int], None],
+    journal: AnswerJournal | None = None,
 ) -> SuiteResult:
-    """Generate the suite's answers with `engine` and score them."""
-    batch = {"adapter": variant.adapter, "batch_size": data.batch_size, "on_batch": advance}
+    """Generate the suite's answers with `engine` (batches in `journal` are not regenerated,
+    except the injection suite's) and score them."""
+    batch = {
+        "adapter": variant.adapter,
+        "batch_size": data.batch_size,
+        "on_batch": advance,
+        "journal": journal,
+    }
     if suite == "ifeval":
         prompts = ifeval.read_prompts(data.ifeval)[: data.limit]  # type: ignore[arg-type]
         done, _ = greedy_chat_responses(
@@ -272,7 +284,10 @@ def collect(
                 continue
             start = time.perf_counter()
             advance = progress(f"{variant.label}: {suite}", suite_size(suite, variant, data))
-            result = run_suite(suite, engine, variant, data, advance)
+            journal = AnswerJournal(
+                cache / f"{suite}-{key}.journal", {"cache_key": key, "batch": data.batch_size}
+            )
+            result = run_suite(suite, engine, variant, data, advance, journal)
             seconds = time.perf_counter() - start
             figures = {
                 **result.figures,
@@ -283,6 +298,7 @@ def collect(
             }
             write_jsonl_atomic(cache / f"{suite}-{key}.jsonl", result.rows)
             write_json_atomic(stored, figures)
+            journal.path.unlink()
             results[variant.label][suite] = figures
             log(f"{variant.label}: {suite} done in {seconds:.0f} s")
     return results

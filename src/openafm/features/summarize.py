@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from openafm.runtime import Engine, SamplingParams
 from openafm.runtime.batches import generate_in_batches
+from openafm.runtime.journal import AnswerJournal
 
 Record = Mapping[str, object]
 
@@ -196,13 +197,21 @@ def replies(
     shots: int = 0,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    journal: AnswerJournal | None = None,
 ) -> list[str]:
     """The model's greedy replies to `records` as they are (batched by prompt length; in input
-    order); `summarize` cleans them to the summary line."""
+    order; batches in `journal` are not regenerated); `summarize` cleans them to the summary
+    line."""
     prompts = [engine.tokenizer.encode_chat(feature.messages(r, shots=shots)) for r in records]
     params = SamplingParams(max_tokens=feature.max_tokens, temperature=0.0)
     done = generate_in_batches(
-        engine, prompts, params, adapter=adapter, batch_size=batch_size, on_batch=on_batch
+        engine,
+        prompts,
+        params,
+        adapter=adapter,
+        batch_size=batch_size,
+        on_batch=on_batch,
+        journal=journal,
     )
     return [c.text for c in done]
 
