@@ -397,6 +397,33 @@ def test_port_0_serves_on_a_free_port_and_says_which(tmp_path, tiny_dir):
     assert server.returncode == 0
 
 
+SLOW_LOAD = """
+import sys, time, torch
+import openafm.cli.common as common
+from openafm.cli.main import app
+load = common.load_named
+def slow(model):  # native work for a while, as a large model's load is
+    a, end = torch.randn(256, 256), time.monotonic() + 3
+    while time.monotonic() < end:
+        a = (a @ a).tanh()
+    return load(model)
+common.load_named = slow
+app(args=sys.argv[1:], prog_name="afm")
+"""
+
+
+def test_sigterm_while_the_model_loads_stops_with_status_0(tmp_path, tiny_dir):
+    command = [sys.executable, "-c", SLOW_LOAD, "serve", "--model", str(tiny_dir), "--port", "0"]
+    server = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    for line in server.stderr:
+        if "Application startup complete" in line:  # serving /health (503) while it loads
+            break
+    server.send_signal(signal.SIGTERM)
+    _, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err[-2000:]  # not aborted by exiting under the loader
+    assert '"event": "ready"' not in err  # stopped before it served
+
+
 @pytest.mark.slow
 def test_private_mode_keeps_no_trace_of_a_request_anywhere(tmp_path, tiny_dir):
     """A real `afm -v serve` process at DEBUG: a canary sent in prompts, bad fields, model

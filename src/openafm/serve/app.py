@@ -139,7 +139,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=load, name="openafm-load", daemon=True).start()
+        # not a daemon: the interpreter's exit waits for it, since exiting under native code
+        # that is still loading the model aborts the process
+        threading.Thread(target=load, name="openafm-load").start()
         yield
         if guard is not None:
             guard.armed = False

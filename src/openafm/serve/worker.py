@@ -61,7 +61,8 @@ class ModelWorker:
     # --- start and stop -------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the model, find its adapters, warm up, start the batcher (on any thread)."""
+        """Load the model, find its adapters, warm up, start the batcher (on any thread); stopped
+        while loading, it ends before the warm-up."""
         try:
             pretrained = self.loader(self.config.model)
             engine = engine_for(
@@ -78,6 +79,8 @@ class ModelWorker:
             self.batcher = ContinuousBatcher(
                 engine, max_batch=self.config.max_batch, max_queue=self.config.max_queue
             )
+            if self._stop.is_set():  # stopped while loading: serve nothing
+                return
             self._warm_up()
             self.constraints.json_schema()  # builds the grammar's tokenizer before serving
             self.manifest = {
