@@ -210,6 +210,52 @@ def test_constraint_prompts_are_reproducible_compatible_and_scored_by_the_checke
     assert kept == [bases[0]]
 
 
+ANSWER = "The cat is grey, small and shy. She answers to Miso and likes tuna a lot."
+
+
+@pytest.mark.parametrize(
+    ("constraint", "kwargs", "passes"),
+    [
+        ("change_case:english_lowercase", {}, str.islower),
+        ("change_case:english_capital", {}, str.isupper),
+        ("startend:quotation", {}, lambda t: t[0] == t[-1] == '"'),
+        ("startend:end_checker", {"end_phrase": "Any other questions?"}, None),
+        ("detectable_content:postscript", {"postscript_marker": "P.P.S"}, None),
+        ("punctuation:no_comma", {}, lambda t: "," not in t),
+    ],
+)
+def test_a_verified_repair_meets_the_constraint_and_keeps_the_words(constraint, kwargs, passes):
+    from openafm.eval import ifeval
+    from openafm.posttrain.repair import repaired
+
+    prompt = ifeval.IFEvalPrompt(1, "x", (constraint,), (kwargs,))
+    assert not all(ifeval.score(prompt, ANSWER).strict)
+    fixed = repaired(prompt, ANSWER)
+    assert fixed is not None and all(ifeval.score(prompt, fixed).strict)
+    assert passes is None or passes(fixed)
+    words = [w.strip('",.').lower() for w in ANSWER.split()]
+    assert [w.strip('",.').lower() for w in fixed.split()][: len(words)] == words
+
+
+def test_a_repair_that_cannot_meet_every_constraint_is_not_kept():
+    from openafm.eval import ifeval
+    from openafm.posttrain.committee import Candidate
+    from openafm.posttrain.repair import repair_groups, repaired
+
+    ids = ("change_case:english_lowercase", "length_constraints:number_words")
+    too_short = ifeval.IFEvalPrompt(1, "x", ids, ({}, {"relation": "at least", "num_words": 50}))
+    assert repaired(too_short, ANSWER) is None  # lower case, but still too short
+    lower = ifeval.IFEvalPrompt(2, "x", ids[:1], ({},))
+    assert repaired(lower, ANSWER.lower()) is None  # nothing to repair
+    group = [
+        Candidate(0, "base", 0, ANSWER, 20, True),
+        Candidate(0, "base", 1, ANSWER, 64, False),  # cut at the cap: left as it is
+        Candidate(0, "base", 2, "already fine", 2, True),
+    ]
+    (fixed,), count = repair_groups([lower], [group])
+    assert count == 1 and fixed[0].text == ANSWER.lower() and fixed[1:] == group[1:]
+
+
 def _trainer(algo: str, *, k: int = 8, updates: int = 2, lr: float = 1e-2, max_tokens: int = 4):
     from openafm.adapters import LoraAdapter, LoraConfig
     from openafm.posttrain.rl import PolicyTrainer, RLConfig

@@ -372,6 +372,27 @@ def test_rs_and_rl_commands_run_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
     assert report["prompts"] == 3 and report["k"] == 2
     assert 0 <= report["random_pass_rate"] <= report["oracle_best_pass_rate"] <= 1
     assert len((tmp_path / "rs" / "samples.jsonl").read_text().splitlines()) == 6
+    assert report["repaired_answers"] is None
+    pairs = (tmp_path / "rs" / "pairs.jsonl").read_text()
+    samples = (tmp_path / "rs" / "samples.jsonl").read_text()
+    rejudged = runner.invoke(  # the stored samples judged again, failed answers repaired first
+        app,
+        [
+            "posttrain",
+            "rs",
+            *common,
+            "--out-dir",
+            str(tmp_path / "rs"),
+            "--k",
+            "2",
+            "--repair",
+            "--json",
+        ],
+    )
+    assert rejudged.exit_code == 0, rejudged.output
+    assert isinstance(json.loads(rejudged.output.strip().splitlines()[-1])["repaired_answers"], int)
+    assert (tmp_path / "rs" / "samples.jsonl").read_text() == samples  # nothing sampled again
+    assert (tmp_path / "rs" / "pairs.jsonl").read_text() == pairs  # pairs: answers as sampled
     rl_args = ["posttrain", "rl", *common, "--name", "tiny-policy", "--iterations", "2",
                "--prompts-per-iteration", "2", "--k", "2", "--max-tokens", "4",
                "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "policy"), "--json"]  # fmt: skip

@@ -294,6 +294,14 @@ def rs(
     min_score: Annotated[
         float, typer.Option(help="Keep a winner only if the judge scores it at least this.")
     ] = 1.0,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            help="Before judging, replace each answer that misses a constraint by its verified"
+            " repair (letter case, quotation marks, last phrase, postscript, no commas) where the"
+            " edits make it pass every constraint. Preference pairs keep the answers as sampled."
+        ),
+    ] = False,
     model: ModelOption = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     json_output: JsonOption = False,
@@ -301,8 +309,9 @@ def rs(
     """Rejection sampling from a teacher committee: K samples per member per prompt (one
     continuous batch), the judge's best per prompt → winners.jsonl (chat SFT data for `afm
     posttrain sft`). Reports the true pass rate of judge-best-of-N against random-of-N and
-    oracle-of-N. Rerun to resume sampling after a kill."""
+    oracle-of-N. Rerun to resume sampling after a kill (or to judge stored samples anew)."""
     from openafm.posttrain.committee import (
+        Candidate,
         Member,
         best_of_n_report,
         constraint_pairs,
@@ -342,8 +351,22 @@ def rs(
                 store=out_dir / "samples.jsonl",
                 on_prompt=advance,
             )
+
+        def shares(groups: list[list[Candidate]]) -> list[list[float]]:
+            return [
+                [constraint_reward(p, c.text) for c in g]
+                for p, g in zip(asked, groups, strict=True)
+            ]
+
+        truth = shares(groups)
+        pairs = constraint_pairs(texts, groups, truth)
+        repaired = None
+        if repair:
+            from openafm.posttrain.repair import repair_groups
+
+            groups, repaired = repair_groups(asked, groups)
+            truth = shares(groups)
         pairs_of = list(zip(asked, groups, strict=True))
-        truth = [[constraint_reward(p, c.text) for c in g] for p, g in pairs_of]
         judged = [[guarded_reward(p, c.text, c.finished) for c in g] for p, g in pairs_of]
         if judge is not None:
             from openafm.posttrain.reward_training import score_answers
@@ -366,10 +389,11 @@ def rs(
             "members": [asdict(m) for m in members],
             "k": k,
             "winners": len(winners),
+            "repaired_answers": repaired,
             "command": command_line(),
         }
         write_jsonl_atomic(out_dir / "winners.jsonl", [{"messages": w} for w in winners])
-        write_jsonl_atomic(out_dir / "pairs.jsonl", constraint_pairs(texts, groups, truth))
+        write_jsonl_atomic(out_dir / "pairs.jsonl", pairs)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if json_output:
             print_json(report)
