@@ -247,6 +247,10 @@ def test_a_repair_that_cannot_meet_every_constraint_is_not_kept():
     assert repaired(too_short, ANSWER) is None  # lower case, but still too short
     lower = ifeval.IFEvalPrompt(2, "x", ids[:1], ({},))
     assert repaired(lower, ANSWER.lower()) is None  # nothing to repair
+    ending = {"end_phrase": "Any other questions?"}
+    ends = ifeval.IFEvalPrompt(3, "x", (ids[0], "startend:end_checker"), ({}, ending))
+    said = f"{ANSWER} Any other questions?"
+    assert repaired(ends, said) == said.lower()  # the phrase it has is not added again
     group = [
         Candidate(0, "base", 0, ANSWER, 20, True),
         Candidate(0, "base", 1, ANSWER, 64, False),  # cut at the cap: left as it is

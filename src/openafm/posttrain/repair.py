@@ -36,13 +36,15 @@ EDITS: dict[str, Edit] = {
 
 
 def repaired(prompt: IFEvalPrompt, text: str) -> str | None:
-    """`text` edited for the prompt's mechanical constraints, if it then passes all of its
-    constraints and the edits changed it; otherwise None."""
+    """`text` edited for each mechanical constraint it misses, if it then passes all of the
+    prompt's constraints and the edits changed it; otherwise None."""
     constraints = dict(zip(prompt.instruction_ids, prompt.kwargs, strict=True))
     edited = text.strip()
     for name, edit in EDITS.items():
         if name in constraints:
-            edited = edit(edited, constraints[name])
+            met = ifeval.score(prompt, edited).strict[prompt.instruction_ids.index(name)]
+            if not met:
+                edited = edit(edited, constraints[name])
     if edited == text.strip() or not all(ifeval.score(prompt, edited).strict):
         return None
     return edited
