@@ -339,6 +339,25 @@ def test_mcnemar_and_the_paired_comparison_by_hand():
         compare(rows_before, rows_after, "violation")
 
 
+def test_compare_reads_gzipped_rows_as_it_reads_plain_ones(tmp_path):
+    flags = {"before": [False] * 6 + [True] * 4, "after": [True] * 7 + [False] * 3}
+    for name, values in flags.items():
+        text = "".join(
+            json.dumps({"key": i, "strict": [v], "loose": [v]}) + "\n" for i, v in enumerate(values)
+        )
+        (tmp_path / f"{name}.jsonl").write_text(text)
+        (tmp_path / f"{name}.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+
+    def compared(suffix: str) -> dict:
+        files = [str(tmp_path / f"{n}.jsonl{suffix}") for n in ("before", "after")]
+        result = CliRunner().invoke(app, ["eval", "compare", *files, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    plain = compared("")
+    assert plain["difference"] == pytest.approx(0.3) and compared(".gz") == plain
+
+
 def _constraint_file(path):
     rows = [
         {

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def sha256_file(path: Path) -> str:
@@ -18,6 +19,12 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def open_text(path: str | Path, errors: str = "strict") -> IO[str]:
+    """A UTF-8 text file, gunzipped on the fly when its name ends in `.gz`."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8", errors=errors)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -42,10 +49,10 @@ class JsonLinesError(ValueError):
 
 
 def read_jsonl(path: Path, *, torn_end: bool = False) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line; a bad line raises naming `path:line`.
-    With `torn_end`, an unparsable last line without its newline (an append cut short by a
-    kill) ends the file instead."""
-    with Path(path).open(encoding="utf-8") as f:
+    """(line number, value) for each non-blank line (a `.gz` file is gunzipped); a bad line
+    raises naming `path:line`. With `torn_end`, an unparsable last line without its newline (an
+    append cut short by a kill) ends the file instead."""
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

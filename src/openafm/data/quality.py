@@ -24,10 +24,9 @@ from openafm.data.readers import (
     HTML_SUFFIXES,
     JSONL_SUFFIXES,
     WARC_SUFFIXES,
-    open_text,
     read_web_file,
 )
-from openafm.files import write_json_atomic
+from openafm.files import open_text, write_json_atomic
 
 
 def read_texts(path: Path | str, min_words: int = 20, window: int = 200) -> list[str]:

@@ -7,15 +7,15 @@ undecodable, empty, over the size limit, not HTML) is still emitted, with
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+
+from openafm.files import open_text
 
 MAX_PAGE_BYTES = 10 * 1024 * 1024
 WARC_SUFFIXES = (".warc", ".warc.gz", ".arc", ".arc.gz")
@@ -43,12 +43,6 @@ def input_files(paths: list[str]) -> list[str]:
     if not found:
         raise FileNotFoundError(f"no WARC, ARC, HTML or JSONL files under {', '.join(paths)}")
     return sorted(set(found))
-
-
-def open_text(path: str | Path, errors: str = "strict") -> IO[str]:
-    """A UTF-8 text file, gunzipped on the fly when its name ends in `.gz`."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", errors=errors)
 
 
 def decode_html(body: bytes, content_type: str = "") -> str | None:

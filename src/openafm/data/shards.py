@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from openafm.data.readers import JSONL_SUFFIXES, open_text
-from openafm.files import sha256_file, write_json_atomic
+from openafm.data.readers import JSONL_SUFFIXES
+from openafm.files import open_text, sha256_file, write_json_atomic
 from openafm.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"

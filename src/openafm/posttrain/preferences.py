@@ -11,13 +11,13 @@ Two layouts are read:
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from openafm.files import open_text
 from openafm.posttrain.losses import STRENGTH_LABELS
 from openafm.posttrain.reward_model import GRADES, LEVELS
 
@@ -107,10 +107,9 @@ def read_preferences(path: Path) -> list[PreferencePair]:
     """Every pair of a JSONL (or .jsonl.gz) file; errors name the line."""
     if not path.is_file():
         raise PreferenceDataError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
     pairs, divergent = [], 0
     try:
-        with opener(path, "rt", encoding="utf-8") as lines:
+        with open_text(path) as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue

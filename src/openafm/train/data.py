@@ -9,7 +9,6 @@ every mesh reads the same global batch (each data-parallel rank takes its rows).
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openafm.files import open_text
 from openafm.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md")
@@ -29,9 +29,8 @@ class DataError(ValueError):
 
 
 def _read_text(path: Path) -> str:
-    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with open_text(path) as f:
             return f.read()
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read as UTF-8 text: {exc}") from None
