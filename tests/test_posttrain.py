@@ -260,7 +260,15 @@ def test_a_repair_that_cannot_meet_every_constraint_is_not_kept():
     assert count == 1 and fixed[0].text == ANSWER.lower() and fixed[1:] == group[1:]
 
 
-def _trainer(algo: str, *, k: int = 8, updates: int = 2, lr: float = 1e-2, max_tokens: int = 4):
+def _trainer(
+    algo: str,
+    *,
+    k: int = 8,
+    updates: int = 2,
+    lr: float = 1e-2,
+    max_tokens: int = 4,
+    trained_start: bool = False,
+):
     from openafm.adapters import LoraAdapter, LoraConfig
     from openafm.posttrain.rl import PolicyTrainer, RLConfig
     from tests.conftest import byte_tokenizer, make_tiny
@@ -268,6 +276,13 @@ def _trainer(algo: str, *, k: int = 8, updates: int = 2, lr: float = 1e-2, max_t
     model = make_tiny(seed=1)
     tokenizer = byte_tokenizer()
     adapter = LoraAdapter.fresh("policy", model, LoraConfig(rank=4), seed=0)
+    if trained_start:  # B no longer zero, loaded as `afm posttrain rl --init-from` loads it
+        with torch.no_grad():
+            for _, b in adapter.pairs.values():
+                b.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+        adapter = adapter.to(torch.float32)
+        for p in adapter.parameters():
+            p.requires_grad_(True)
 
     def first_half(_: int, completion) -> float:
         """The share of response tokens in the lower half of the vocabulary (about 1/2)."""
@@ -290,6 +305,20 @@ def test_an_update_moves_probability_toward_the_better_responses(algo):
         logprob = sequence_logprob(trainer.model(rollout.inputs), rollout.targets, rollout.mask)
     assert float((advantages * (logprob - rollout.old_logprob)).sum()) > 0
     assert stats["kl_to_reference"] == 0.0  # the first batch comes from the reference itself
+    second = trainer.rollout(prompts)
+    assert float((second.old_logprob - second.reference_logprob).abs().sum()) > 0
+
+
+def test_the_reference_stays_where_training_began_from_a_trained_adapter():
+    trainer, prompts = _trainer("mdloo", trained_start=True)
+    start = [t.clone() for t in trainer.reference.parameters()]
+    trainer.update(trainer.rollout(prompts))
+    assert all(
+        torch.equal(a, b) for a, b in zip(start, trainer.reference.parameters(), strict=True)
+    )
+    assert not all(
+        torch.equal(a, b) for a, b in zip(start, trainer.adapter.parameters(), strict=True)
+    )
     second = trainer.rollout(prompts)
     assert float((second.old_logprob - second.reference_logprob).abs().sum()) > 0
 

@@ -164,9 +164,13 @@ class LoraAdapter:
                 )
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
-        """A detached copy with tensors in `dtype` (for inference)."""
+        """A detached copy with tensors in `dtype` (for inference); it shares no storage, so
+        training the original leaves the copy as it was (an RL reference)."""
         pairs = {
-            p: (a.detach().to(dtype).contiguous(), column_major(b.detach().to(dtype)))
+            p: (
+                a.detach().to(dtype, copy=True).contiguous(),
+                column_major(b.detach().to(dtype, copy=True)),
+            )
             for p, (a, b) in self.pairs.items()
         }
         return LoraAdapter(self.name, self.config, pairs, dict(self.metadata))
