@@ -59,9 +59,7 @@ def repair_groups(
     for prompt, group in zip(prompts, groups, strict=True):
         fixed = []
         for candidate in group:
-            text = None
-            if candidate.finished and not all(ifeval.score(prompt, candidate.text).strict):
-                text = repaired(prompt, candidate.text)
+            text = repaired(prompt, candidate.text) if candidate.finished else None
             if text is not None:
                 candidate = replace(candidate, text=text)
                 count += 1
