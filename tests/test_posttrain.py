@@ -210,6 +210,26 @@ def test_constraint_prompts_are_reproducible_compatible_and_scored_by_the_checke
     assert kept == [bases[0]]
 
 
+def test_a_repeat_request_is_added_in_ifevals_own_words_and_layout():
+    from openafm.eval import ifeval
+    from openafm.posttrain.constraint_prompts import with_repeat_request
+
+    ifevals = {p.key: p for p in ifeval.read_prompts(PROMPTS)}
+    own = ifevals[1012]  # IFEval's: the request, then the repeat instruction on its own line
+    request = own.kwargs[own.instruction_ids.index("combination:repeat_prompt")]
+    plain = ifeval.IFEvalPrompt(
+        1012, request["prompt_to_repeat"], ("detectable_format:title",), ({},)
+    )
+    ours = with_repeat_request(plain)
+    assert ours.prompt == own.prompt
+    assert sorted(zip(ours.instruction_ids, map(str, ours.kwargs), strict=True)) == sorted(
+        zip(own.instruction_ids, map(str, own.kwargs), strict=True)
+    )
+    answer = "<<Goodbye>> I am leaving the company at the end of the month."
+    assert ifeval.score(ours, f"{plain.prompt}\n\n{answer}").strict == (True, True)
+    assert ifeval.score(ours, answer).strict == (True, False)
+
+
 ANSWER = "The cat is grey, small and shy. She answers to Miso and likes tuna a lot."
 
 
@@ -235,6 +255,25 @@ def test_a_verified_repair_meets_the_constraint_and_keeps_the_words(constraint, 
     assert passes is None or passes(fixed)
     words = [w.strip('",.').lower() for w in ANSWER.split()]
     assert [w.strip('",.').lower() for w in fixed.split()][: len(words)] == words
+
+
+def test_a_repaired_answer_repeats_the_request_first_then_meets_the_rest():
+    from openafm.eval import ifeval
+    from openafm.posttrain.constraint_prompts import with_repeat_request
+    from openafm.posttrain.repair import repaired
+
+    request = (
+        "Describe your cat. Your entire response should be in English, and in all capital letters."
+    )
+    plain = ifeval.IFEvalPrompt(1, request, ("change_case:english_capital",), ({},))
+    prompt = with_repeat_request(plain)
+    fixed = repaired(prompt, ANSWER)
+    assert fixed == f"{request}\n\n{ANSWER}".upper()
+    assert all(ifeval.score(prompt, fixed).strict)
+    commas = with_repeat_request(
+        ifeval.IFEvalPrompt(2, "Be brief, kind.", ("punctuation:no_comma",), ({},))
+    )
+    assert repaired(commas, ANSWER) is None  # removing the commas would change the request
 
 
 def test_a_repair_that_cannot_meet_every_constraint_is_not_kept():

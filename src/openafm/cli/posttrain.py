@@ -58,6 +58,13 @@ def prompts(
     train: Annotated[int, typer.Option(min=1, help="Training prompts.")] = 1200,
     heldout: Annotated[int, typer.Option(min=1, help="Held-out prompts.")] = 400,
     seed: Annotated[int, typer.Option(help="Seed for the split and the constraints.")] = 0,
+    repeat_request: Annotated[
+        bool,
+        typer.Option(
+            help="Also write train_prompts_repeat.jsonl: each training prompt with "
+            '"first repeat the request word for word" added.'
+        ),
+    ] = False,
 ) -> None:
     """Constraint prompts (IFEval's format) on disjoint base instructions, for RL with a
     verifiable reward and for a held-out evaluation with `afm eval ifeval --data`."""
@@ -65,6 +72,7 @@ def prompts(
         prompt_record,
         read_instructions,
         split_prompt_sets,
+        with_repeat_request,
     )
 
     with user_errors():
@@ -76,6 +84,9 @@ def prompts(
         write_jsonl_atomic(
             out_dir / "heldout_prompts.jsonl", [prompt_record(p) for p in heldout_set]
         )
+        if repeat_request:
+            repeats = [prompt_record(with_repeat_request(p)) for p in train_set]
+            write_jsonl_atomic(out_dir / "train_prompts_repeat.jsonl", repeats)
         err_console.print(f"wrote {len(train_set)} training and {len(heldout_set)} held-out prompts to {out_dir}")  # fmt: skip
 
 

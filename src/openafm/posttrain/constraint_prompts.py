@@ -13,8 +13,9 @@ from openafm.data.decontaminate import ngram_hashes
 from openafm.eval import ifeval
 from openafm.eval.ifeval import IFEvalPrompt
 
-# constraints whose arguments depend on the prompt (repeat the request) are left out
-EXCLUDED = frozenset({"combination:repeat_prompt"})
+REPEAT_REQUEST = "combination:repeat_prompt"
+# never drawn: its argument is the prompt itself (`with_repeat_request` adds it)
+EXCLUDED = frozenset({REPEAT_REQUEST})
 
 
 def read_instructions(path: Path) -> list[str]:
@@ -89,6 +90,22 @@ def make_constraint_prompts(
         prompt = f"{base} {' '.join(descriptions)}"
         prompts.append(IFEvalPrompt(key, prompt, tuple(chosen), tuple(kwargs)))
     return prompts
+
+
+def with_repeat_request(prompt: IFEvalPrompt) -> IFEvalPrompt:
+    """The prompt with IFEval's "first repeat the request word for word" constraint added, the
+    request being the whole prompt as it was (IFEval's layout: on a line of its own after it)."""
+    ifeval.checkers()
+    from lm_eval.tasks.ifeval import instructions_registry
+
+    checker = instructions_registry.INSTRUCTION_DICT[REPEAT_REQUEST](REPEAT_REQUEST)
+    description = checker.build_description(prompt_to_repeat=prompt.prompt)
+    return IFEvalPrompt(
+        prompt.key,
+        f"{prompt.prompt}\n{description}",
+        (*prompt.instruction_ids, REPEAT_REQUEST),
+        (*prompt.kwargs, {"prompt_to_repeat": prompt.prompt}),
+    )
 
 
 def constraint_reward(prompt: IFEvalPrompt, response: str) -> float:

@@ -1,6 +1,6 @@
 """Verified repairs: mechanical edits that make an answer meet the format constraints its content
-does not touch (letter case, wrapping quotation marks, a required last phrase, a postscript, no
-commas). A repair is kept only where the checkers then pass every constraint of the prompt.
+does not touch (the request repeated first, letter case, wrapping quotation marks, a required
+last phrase, a postscript, no commas). A repair is kept only where the checkers then pass every constraint of the prompt.
 
 A small model almost never writes a whole answer in lower case when asked, so a committee's
 samples hold no winner to learn that from, and an RL policy never sees the reward for it;
@@ -26,6 +26,7 @@ def _postscript(text: str, kwargs: Mapping[str, object]) -> str:
 
 # in the order applied: additions first, then case, then the quotation marks around it all
 EDITS: dict[str, Edit] = {
+    "combination:repeat_prompt": lambda text, kw: f"{kw['prompt_to_repeat']}\n\n{text}",
     "punctuation:no_comma": lambda text, _: re.sub(r",\s*", " ", text),
     "detectable_content:postscript": _postscript,
     "startend:end_checker": lambda text, kw: f"{text}\n{kw['end_phrase']}",
