@@ -292,6 +292,25 @@ def test_ifeval_command_scores_responses_writes_predictions_and_rescores_them(tm
     assert unknown.exit_code == 1 and "unknown adapter 'no-such-adapter'" in unknown.output
 
 
+def test_a_result_is_recorded_in_the_named_adapters_file(tmp_path, monkeypatch):
+    from openafm.adapters import LoraAdapter, LoraConfig, save_adapter
+    from tests.conftest import make_tiny
+
+    monkeypatch.setenv("OPENAFM_HOME", str(tmp_path))
+    save_adapter(
+        LoraAdapter.fresh("mine", make_tiny(), LoraConfig(rank=2)), tmp_path / "adapters" / "mine"
+    )
+    runner = CliRunner()
+    args = ["eval", "ifeval", "--data", str(PROMPTS), "--limit", "20", "--responses", str(GPT4)]
+    done = runner.invoke(app, [*args, "--record", "mine", "--json"])
+    assert done.exit_code == 0, done.output
+    meta = json.loads((tmp_path / "adapters" / "mine" / "adapter.json").read_text())
+    stored = meta["evaluation"][PROMPTS.name]["base"]  # the responses were not the adapter's
+    assert stored == json.loads(done.stdout) and stored["n_prompts"] == 20
+    unknown = runner.invoke(app, [*args, "--record", "nobody"])
+    assert unknown.exit_code == 1 and "unknown adapter 'nobody'" in unknown.output
+
+
 def test_a_killed_evaluation_resumes_from_its_journal_and_ends_as_one_run_would(
     tiny_long_dir, tmp_path, monkeypatch
 ):

@@ -12,8 +12,6 @@ import torch
 import typer
 from rich.progress import Progress
 
-from openafm.adapters.adapter_file import record_evaluation
-from openafm.adapters.registry import find_adapter
 from openafm.cli import eval_suites
 from openafm.cli.common import (
     KernelOption,
@@ -24,7 +22,7 @@ from openafm.cli.common import (
     progress_bar,
     user_errors,
 )
-from openafm.cli.eval_suites import load_engine, provenance_of, run_record
+from openafm.cli.eval_suites import load_engine, provenance_of, record_in_adapter, run_record
 from openafm.eval.suites import score_summaries
 from openafm.features import feature_for, get_feature
 from openafm.features.summarize import replies
@@ -117,14 +115,7 @@ def summarize_cmd(
         report |= provenance_of(data, adapter, run)
         if predictions is not None:
             write_jsonl_atomic(predictions, result.rows)
-        if record is not None:
-            target = find_adapter(record)
-            role = (
-                "adapter"
-                if adapter is not None and find_adapter(adapter) == target
-                else "prompted_base"
-            )
-            record_evaluation(target, data.name, role, report)
+        record_in_adapter(record, adapter, data, report, base_role="prompted_base")
         if json_output:
             print_json(report)
             return

@@ -12,6 +12,8 @@ from typing import Annotated
 import torch
 import typer
 
+from openafm.adapters.adapter_file import record_evaluation
+from openafm.adapters.registry import find_adapter
 from openafm.cli.common import (
     KernelOption,
     choose_kernel,
@@ -57,6 +59,29 @@ ResponsesOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+RecordOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Store the result in this adapter's adapter.json (as 'adapter' when it is the"
+        " adapter evaluated, else as the base's result)."
+    ),
+]
+
+
+def record_in_adapter(
+    record: str | None,
+    adapter: str | None,
+    data: Path,
+    report: dict[str, object],
+    base_role: str = "base",
+) -> None:
+    """Store `report` in adapter `record`'s adapter.json under the data file's name: as
+    'adapter' when `adapter` is that adapter, else as `base_role`."""
+    if record is None:
+        return
+    target = find_adapter(record)
+    same = adapter is not None and find_adapter(adapter) == target
+    record_evaluation(target, data.name, "adapter" if same else base_role, report)
 
 
 def load_engine(model: str | None) -> tuple[Engine, str]:
@@ -193,6 +218,7 @@ def ifeval_cmd(
     ] = ifeval.MAX_NEW_TOKENS,
     batch_size: BatchOption = 8,
     predictions: PredictionsOption = None,
+    record: RecordOption = None,
     kernel: KernelOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -202,12 +228,15 @@ def ifeval_cmd(
     choose_kernel(kernel)
     with user_errors():
         prompts = ifeval.read_prompts(data)[:limit]
+        if record is not None:
+            find_adapter(record)  # an unknown adapter fails before any answer is generated
         asked = [p.prompt for p in prompts]
         texts, cut, run = _given_or_answers(
             responses, asked, model, adapter, max_tokens, batch_size, predictions
         )
         result = score_ifeval(prompts, texts, cut)
         result.figures |= provenance_of(data, adapter, run)
+        record_in_adapter(record, adapter, data, result.figures)
         if _finish(result, predictions, json_output):
             return
         figures = result.figures
@@ -240,6 +269,7 @@ def safety_cmd(
     max_tokens: Annotated[int, typer.Option(min=1, help="New tokens per response.")] = 256,
     batch_size: BatchOption = 8,
     predictions: PredictionsOption = None,
+    record: RecordOption = None,
     kernel: KernelOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -251,12 +281,15 @@ def safety_cmd(
         raise typer.BadParameter(f"choose one of {', '.join(safety.KINDS)}", param_hint="--kind")
     with user_errors():
         prompts = safety.read_safety_prompts(data, kind)[:limit]
+        if record is not None:
+            find_adapter(record)  # an unknown adapter fails before any answer is generated
         asked = [p.prompt for p in prompts]
         texts, _, run = _given_or_answers(
             responses, asked, model, adapter, max_tokens, batch_size, predictions
         )
         result = score_safety(kind, prompts, texts)
         result.figures |= provenance_of(data, adapter, run)
+        record_in_adapter(record, adapter, data, result.figures)
         if _finish(result, predictions, json_output):
             return
         names = ["refusal_rate", "violation_rate", "over_refusal_rate", "unsafe_refusal_rate"]
