@@ -497,7 +497,10 @@ def test_the_real_models_serve_their_shipped_adapters_and_json(model):
         server.wait_ready()
         client = server.client()
         served = {m.id for m in client.models.list().data}
-        assert served == {model, "summarize-email", "summarize-dialogue"}
+        features = {"summarize-email", "summarize-dialogue"}
+        # the assistant was trained on the float base; the palettized model has its own feature adapters
+        assistant = {"assistant"} if model == "smollm2-135m-instruct" else set()
+        assert served == {model, *features, *assistant}
         for name in sorted(served):
             reply = client.chat.completions.create(
                 model=name,
