@@ -1,6 +1,7 @@
 """Verified repairs: mechanical edits that make an answer meet the format constraints its content
 does not touch (the request repeated first, letter case, wrapping quotation marks, a required
-last phrase, a postscript, no commas). A repair is kept only where the checkers then pass every constraint of the prompt.
+last phrase, a postscript, no commas). A repair is kept only where the checkers then pass every
+constraint of the prompt.
 
 A small model almost never writes a whole answer in lower case when asked, so a committee's
 samples hold no winner to learn that from, and an RL policy never sees the reward for it;
