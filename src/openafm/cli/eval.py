@@ -22,7 +22,13 @@ from openafm.cli.common import (
     progress_bar,
     user_errors,
 )
-from openafm.cli.eval_suites import load_engine, provenance_of, record_in_adapter, run_record
+from openafm.cli.eval_suites import (
+    load_engine,
+    provenance_of,
+    record_in_adapter,
+    record_target,
+    run_record,
+)
 from openafm.eval.suites import score_summaries
 from openafm.features import feature_for, get_feature
 from openafm.features.summarize import replies
@@ -93,6 +99,7 @@ def summarize_cmd(
     with user_errors():
         records = _read_records(data, limit)
         task = get_feature(feature) if feature else feature_for(records)
+        target = record_target(record)
         for r in records:  # bad records fail before the model loads
             task.input_of(r)
             task.references(r)
@@ -115,7 +122,7 @@ def summarize_cmd(
         report |= provenance_of(data, adapter, run)
         if predictions is not None:
             write_jsonl_atomic(predictions, result.rows)
-        record_in_adapter(record, adapter, data, report, base_role="prompted_base")
+        record_in_adapter(target, adapter, data, report, base_role="prompted_base")
         if json_output:
             print_json(report)
             return

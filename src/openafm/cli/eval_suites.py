@@ -68,18 +68,23 @@ RecordOption = Annotated[
 ]
 
 
+def record_target(record: str | None) -> Path | None:
+    """The folder of the adapter a result is to be recorded in (None: not recorded); an unknown
+    adapter fails here, before any answer is generated."""
+    return None if record is None else find_adapter(record)
+
+
 def record_in_adapter(
-    record: str | None,
+    target: Path | None,
     adapter: str | None,
     data: Path,
     report: dict[str, object],
     base_role: str = "base",
 ) -> None:
-    """Store `report` in adapter `record`'s adapter.json under the data file's name: as
-    'adapter' when `adapter` is that adapter, else as `base_role`."""
-    if record is None:
+    """Store `report` in the adapter.json at `target` under the data file's name: as 'adapter'
+    when `adapter` is that adapter, else as `base_role`."""
+    if target is None:
         return
-    target = find_adapter(record)
     same = adapter is not None and find_adapter(adapter) == target
     record_evaluation(target, data.name, "adapter" if same else base_role, report)
 
@@ -228,15 +233,14 @@ def ifeval_cmd(
     choose_kernel(kernel)
     with user_errors():
         prompts = ifeval.read_prompts(data)[:limit]
-        if record is not None:
-            find_adapter(record)  # an unknown adapter fails before any answer is generated
+        target = record_target(record)
         asked = [p.prompt for p in prompts]
         texts, cut, run = _given_or_answers(
             responses, asked, model, adapter, max_tokens, batch_size, predictions
         )
         result = score_ifeval(prompts, texts, cut)
         result.figures |= provenance_of(data, adapter, run)
-        record_in_adapter(record, adapter, data, result.figures)
+        record_in_adapter(target, adapter, data, result.figures)
         if _finish(result, predictions, json_output):
             return
         figures = result.figures
@@ -281,15 +285,14 @@ def safety_cmd(
         raise typer.BadParameter(f"choose one of {', '.join(safety.KINDS)}", param_hint="--kind")
     with user_errors():
         prompts = safety.read_safety_prompts(data, kind)[:limit]
-        if record is not None:
-            find_adapter(record)  # an unknown adapter fails before any answer is generated
+        target = record_target(record)
         asked = [p.prompt for p in prompts]
         texts, _, run = _given_or_answers(
             responses, asked, model, adapter, max_tokens, batch_size, predictions
         )
         result = score_safety(kind, prompts, texts)
         result.figures |= provenance_of(data, adapter, run)
-        record_in_adapter(record, adapter, data, result.figures)
+        record_in_adapter(target, adapter, data, result.figures)
         if _finish(result, predictions, json_output):
             return
         names = ["refusal_rate", "violation_rate", "over_refusal_rate", "unsafe_refusal_rate"]

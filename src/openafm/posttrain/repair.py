@@ -17,6 +17,7 @@ from dataclasses import replace
 from openafm.eval import ifeval
 from openafm.eval.ifeval import IFEvalPrompt
 from openafm.posttrain.committee import Candidate
+from openafm.posttrain.constraint_prompts import REPEAT_REQUEST
 
 Edit = Callable[[str, Mapping[str, object]], str]
 
@@ -27,7 +28,7 @@ def _postscript(text: str, kwargs: Mapping[str, object]) -> str:
 
 # in the order applied: additions first, then case, then the quotation marks around it all
 EDITS: dict[str, Edit] = {
-    "combination:repeat_prompt": lambda text, kw: f"{kw['prompt_to_repeat']}\n\n{text}",
+    REPEAT_REQUEST: lambda text, kw: f"{kw['prompt_to_repeat']}\n\n{text}",
     "punctuation:no_comma": lambda text, _: re.sub(r",\s*", " ", text),
     "detectable_content:postscript": _postscript,
     "startend:end_checker": lambda text, kw: f"{text}\n{kw['end_phrase']}",
