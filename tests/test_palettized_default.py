@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from openafm.adapters import detach
+from openafm.adapters import check_base, detach, load_adapter
 from openafm.compress import default_model
 from openafm.compress.calibration import text_windows
 from openafm.eval.quality import compare_models, reference_log_probs
@@ -29,6 +29,16 @@ def test_recipe_is_complete_and_within_budget():
     adapter = json.loads((RECIPE / "recovery" / "adapter.json").read_text())
     assert adapter["role"] == "accuracy-recovery" and adapter["rank"] == 16
     assert adapter["training"]["tokens"] > 100_000
+    assert adapter["base_signature"] == recipe["signature"]
+
+
+def test_the_shipped_palettized_adapters_are_made_for_the_recipes_model():
+    recipe = json.loads((RECIPE / default_model.RECIPE_FILE).read_text())
+    shipped = sorted((default_model.RECIPES_DIR.parent / "adapters-palettized").glob("*/"))
+    assert shipped
+    for folder in shipped:
+        meta = json.loads((folder / "adapter.json").read_text())
+        assert meta["base_signature"] == recipe["signature"], folder.name
 
 
 @pytest.mark.slow
@@ -48,6 +58,19 @@ def test_rebuilt_from_its_recipe_it_stays_close_to_the_base(smollm2, tmp_path, m
     assert {n: e["bits"] for n, e in meta["tensors"].items()} == recipe["bits"]
     assert bits_summary(compressed.model)["bpw"] == pytest.approx(recipe["bpw"])
     assert compressed.default_adapter is not None  # the recovery adapter is attached
+    # on any CPU the rebuild is the recipe's model, so the shipped feature adapters bind to it
+    assert compressed.signature() == recipe["signature"]
+    summarize = default_model.RECIPES_DIR.parent / "adapters-palettized" / "summarize-email"
+    check_base(load_adapter(summarize), compressed.signature())
+
+    def refuse_to_load(name: str):
+        raise RuntimeError("the base was loaded to build again")
+
+    assert default_model.ensure_built(NAME, refuse_to_load) == path  # built once
+    meta["made_with"]["signature"] = "an older recipe's"  # a model built by an older release
+    (path / "compression.json").write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match="build again"):
+        default_model.ensure_built(NAME, refuse_to_load)
 
     text = FIXTURES / "text" / "pride_and_prejudice_excerpt.txt"
     windows = text_windows(smollm2.tokenizer, text, window=256, max_tokens=1024)

@@ -18,7 +18,7 @@ from openafm.cli.common import (
     print_json,
     user_errors,
 )
-from openafm.io import DEFAULT_MODEL, KNOWN_MODELS, fetch_model, model_signature
+from openafm.io import DEFAULT_MODEL, KNOWN_MODELS, fetch_model
 from openafm.model.compressed import is_compressed
 
 app = typer.Typer(help="Fetch models into the cache and inspect them.", no_args_is_help=True)
@@ -77,7 +77,7 @@ def info(
             "bytes_on_disk": _disk_bytes(pretrained.path),
             "bytes_in_memory": memory,
             "tensor_types": types,
-            "signature": model_signature(ck.config, m.state_dict()),
+            "signature": pretrained.signature(),
             "vocab_size": pretrained.tokenizer.vocab_size,
             "chat_template": pretrained.tokenizer.chat_template is not None,
             "compressed": is_compressed(m),

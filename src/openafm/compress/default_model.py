@@ -1,10 +1,16 @@
 """Compressed models by name: shipped as a recipe, rebuilt deterministically on first use.
 
 A recipe (`models/compressed/NAME/recipe.json` in the source tree) names the base and its
-signature, the palettization settings, the bits of every projection and the calibration text's
-checksum; beside it lies the model's recovery adapter. Building runs the calibration and the
-palettization at the recorded bits (no sensitivity measurement) and takes about two minutes
-here; the result lives in `$OPENAFM_HOME/models/NAME` and loads by name from then on.
+signature, the palettization settings, the bits of every projection, the calibration text's
+checksum and the model's own signature; beside it lies the model's recovery adapter. Building
+runs the calibration and the palettization at the recorded bits (no sensitivity measurement)
+and takes about two minutes here; the result lives in `$OPENAFM_HOME/models/NAME` and loads by
+name from then on.
+
+The rebuild is bit-exact on the kind of CPU the recipe was written on; another instruction set
+may round a few table entries differently. The built model therefore carries the recipe's
+signature, not a hash of its own last bits, so adapters made for the model (its recovery
+adapter, the shipped feature adapters) bind to it on every CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from openafm.adapters.adapter_file import META_FILE
 from openafm.compress.palettize import PalettizeConfig
 from openafm.compress.pipeline import DEFAULT_CALIBRATION, CompressConfig, Progress, compress_model
 from openafm.files import sha256_file
@@ -24,6 +29,8 @@ from openafm.io import model_signature, openafm_home
 from openafm.io.compressed_checkpoint import (
     RECOVERY_DIR,
     is_compressed_dir,
+    load_compressed,
+    read_compression_meta,
     save_compressed,
 )
 from openafm.model import Transformer
@@ -51,9 +58,11 @@ def built_dir(name: str) -> Path:
 
 def write_recipe(model_dir: Path, recipe_dir: Path) -> Path:
     """Turn a compressed directory (with its recovery adapter) into a shippable recipe."""
-    meta = json.loads((model_dir / "compression.json").read_text())
+    meta = read_compression_meta(model_dir)
     made = meta["made_with"]
+    model = load_compressed(model_dir)
     recipe = {
+        "signature": made.get("signature") or model_signature(model.config, model.state_dict()),
         "base": made["base"],
         "base_signature": made["base_signature"],
         "calibration_sha256": made["calibration_sha256"],
@@ -81,12 +90,14 @@ def _config_from(saved: dict[str, Any]) -> CompressConfig:
 def ensure_built(name: str, load_base: BaseLoader, *, progress: Progress | None = None) -> Path:
     """The directory of compressed model `name`, building it from its recipe if needed."""
     target = built_dir(name)
-    if is_compressed_dir(target):
-        return target
     recipe_dir = RECIPES_DIR / name
     if not (recipe_dir / RECIPE_FILE).is_file():
         raise ValueError(f"no recipe for a compressed model named {name!r}")
     recipe = json.loads((recipe_dir / RECIPE_FILE).read_text())
+    if is_compressed_dir(target):
+        if read_compression_meta(target)["made_with"].get("signature") == recipe["signature"]:
+            return target
+        log.info("%s was built from an older recipe; rebuilding it", name)
     if sha256_file(DEFAULT_CALIBRATION) != recipe["calibration_sha256"]:
         raise ValueError(f"the bundled calibration text is not the one {name!r} was made with")
     log.info("building %s from its recipe (first use; about two minutes)", name)
@@ -101,33 +112,25 @@ def ensure_built(name: str, load_base: BaseLoader, *, progress: Progress | None 
         bits_plan=recipe["bits"],
         progress=progress,
     )
-    signature = model_signature(result.model.config, result.model.state_dict())
 
     def extras(directory: Path) -> None:
         tokenizer.save(directory)
         if (recipe_dir / RECOVERY_DIR).is_dir():
             shutil.copytree(recipe_dir / RECOVERY_DIR, directory / RECOVERY_DIR)
-            _adopt_recovery(directory / RECOVERY_DIR, signature, name)
 
-    made_with = {"recipe": name, "base": recipe["base"], "base_signature": recipe["base_signature"]}
-    return save_compressed(result.model, target, made_with=made_with, write_extra=extras)
-
-
-def _adopt_recovery(adapter_dir: Path, signature: str, name: str) -> None:
-    """Bind the shipped recovery adapter to the rebuilt model.
-
-    The rebuild is bit-exact on the machine kind it was made on; another CPU's arithmetic may
-    round a few table entries differently, which changes the signature but not the model in
-    any way that matters to the adapter. Say so, and keep the original signature on record.
-    """
-    meta_path = adapter_dir / META_FILE
-    meta = json.loads(meta_path.read_text())
-    if meta.get("base_signature") != signature:
+    made_with = {
+        "recipe": name,
+        "base": recipe["base"],
+        "base_signature": recipe["base_signature"],
+        "signature": recipe["signature"],
+    }
+    path = save_compressed(
+        result.model, target, made_with=made_with, write_extra=extras, overwrite=True
+    )
+    if read_compression_meta(path)["weights_sha256"] != recipe["weights_sha256"]:
         log.warning(
-            "the rebuilt %s differs in its last bits from the model its recovery adapter was"
-            " trained on (this CPU rounds differently); attaching the adapter anyway",
+            "the rebuilt %s differs in its last bits from the recipe's build (this CPU rounds"
+            " a few table entries differently); it keeps the recipe's signature",
             name,
         )
-        meta["trained_on_signature"] = meta.get("base_signature")
-        meta["base_signature"] = signature
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path

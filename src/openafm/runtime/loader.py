@@ -50,7 +50,11 @@ class Pretrained:
     _signature: str | None = field(default=None, repr=False)
 
     def signature(self) -> str:
-        """The base's signature (hash of config and weights), computed once on first use."""
+        """The base's signature (hash of config and weights), computed once on first use.
+
+        A model built from a shipped recipe carries the recipe's signature instead: the same
+        model on every CPU, whatever its last bits (see `openafm.compress.default_model`).
+        """
         if self._signature is None:
             self._signature = model_signature(self.model.config, self.model.state_dict())
         return self._signature
@@ -137,7 +141,12 @@ def _load_compressed(path: Path) -> Pretrained:
     )
     recovery = path / RECOVERY_DIR
     pretrained = Pretrained(
-        model, load_tokenizer(path), checkpoint, path, recovery if recovery.is_dir() else None
+        model,
+        load_tokenizer(path),
+        checkpoint,
+        path,
+        recovery if recovery.is_dir() else None,
+        meta.get("made_with", {}).get("signature"),
     )
     if pretrained.default_adapter is not None:
         adapter = load_adapter(pretrained.default_adapter)
