@@ -15,6 +15,7 @@ from openafm.compress.calibration import text_windows
 from openafm.eval.quality import compare_models, reference_log_probs
 from openafm.io.compressed_checkpoint import bits_summary
 from openafm.runtime import SamplingParams, engine_for, load_pretrained
+from openafm.serve.worker import PALETTIZED_ADAPTERS
 from tests.conftest import FIXTURES
 
 NAME = default_model.PALETTIZED_DEFAULT
@@ -34,7 +35,7 @@ def test_recipe_is_complete_and_within_budget():
 
 def test_the_shipped_palettized_adapters_are_made_for_the_recipes_model():
     recipe = json.loads((RECIPE / default_model.RECIPE_FILE).read_text())
-    shipped = sorted((default_model.RECIPES_DIR.parent / "adapters-palettized").glob("*/"))
+    shipped = sorted(PALETTIZED_ADAPTERS.glob("*/"))
     assert shipped
     for folder in shipped:
         meta = json.loads((folder / "adapter.json").read_text())
@@ -60,7 +61,7 @@ def test_rebuilt_from_its_recipe_it_stays_close_to_the_base(smollm2, tmp_path, m
     assert compressed.default_adapter is not None  # the recovery adapter is attached
     # on any CPU the rebuild is the recipe's model, so the shipped feature adapters bind to it
     assert compressed.signature() == recipe["signature"]
-    summarize = default_model.RECIPES_DIR.parent / "adapters-palettized" / "summarize-email"
+    summarize = PALETTIZED_ADAPTERS / "summarize-email"
     check_base(load_adapter(summarize), compressed.signature())
 
     def refuse_to_load(name: str):

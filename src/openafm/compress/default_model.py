@@ -59,10 +59,10 @@ def built_dir(name: str) -> Path:
 def write_recipe(model_dir: Path, recipe_dir: Path) -> Path:
     """Turn a compressed directory (with its recovery adapter) into a shippable recipe."""
     meta = read_compression_meta(model_dir)
-    made = meta["made_with"]
+    made = meta["made_with"]  # `afm compress`'s record (a recipe's build lacks its settings)
     model = load_compressed(model_dir)
     recipe = {
-        "signature": made.get("signature") or model_signature(model.config, model.state_dict()),
+        "signature": model_signature(model.config, model.state_dict()),
         "base": made["base"],
         "base_signature": made["base_signature"],
         "calibration_sha256": made["calibration_sha256"],
