@@ -12,11 +12,14 @@ import torch
 from openafm.adapters import check_base, detach, load_adapter
 from openafm.compress import default_model
 from openafm.compress.calibration import text_windows
+from openafm.compress.pipeline import DEFAULT_CALIBRATION, CompressConfig, compress_model
 from openafm.eval.quality import compare_models, reference_log_probs
-from openafm.io.compressed_checkpoint import bits_summary
+from openafm.files import sha256_file
+from openafm.io import model_signature
+from openafm.io.compressed_checkpoint import bits_summary, read_compression_meta, save_compressed
 from openafm.runtime import SamplingParams, engine_for, load_pretrained
 from openafm.serve.worker import PALETTIZED_ADAPTERS
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, byte_tokenizer, make_tiny
 
 NAME = default_model.PALETTIZED_DEFAULT
 RECIPE = default_model.RECIPES_DIR / NAME
@@ -40,6 +43,50 @@ def test_the_shipped_palettized_adapters_are_made_for_the_recipes_model():
     for folder in shipped:
         meta = json.loads((folder / "adapter.json").read_text())
         assert meta["base_signature"] == recipe["signature"], folder.name
+
+
+def test_a_recipe_written_from_a_compressed_model_rebuilds_that_model(tmp_path, monkeypatch):
+    def load_base(name: str):
+        model = make_tiny()
+        return model, byte_tokenizer(), model_signature(model.config, model.state_dict())
+
+    model, tokenizer, base_signature = load_base("tiny")
+    config = CompressConfig(
+        target_bpw=3.5,
+        bit_widths=(2, 4),
+        calibration_tokens=1024,
+        window=128,
+        sensitivity_tokens=64,
+    )
+    made = compress_model(model, tokenizer, DEFAULT_CALIBRATION, config).model
+    made_with = {  # what `afm compress` records
+        "base": "tiny",
+        "base_signature": base_signature,
+        "calibration_sha256": sha256_file(DEFAULT_CALIBRATION),
+        "config": config.to_dict(),
+    }
+    original = save_compressed(made, tmp_path / "compressed", made_with=made_with)
+    recipes = tmp_path / "recipes"
+    default_model.write_recipe(original, recipes / "tiny-palettized")
+    monkeypatch.setattr(default_model, "RECIPES_DIR", recipes)
+    monkeypatch.setattr(default_model, "built_dir", lambda name: tmp_path / "built" / name)
+    assert default_model.recipe_names() == ["tiny-palettized"]
+
+    rebuilt = read_compression_meta(default_model.ensure_built("tiny-palettized", load_base))
+    recipe = json.loads((recipes / "tiny-palettized" / default_model.RECIPE_FILE).read_text())
+    assert recipe["signature"] == model_signature(made.config, made.state_dict())
+    assert rebuilt["made_with"]["signature"] == recipe["signature"]
+    # same CPU, same recipe: the same bits in every table and index
+    assert rebuilt["weights_sha256"] == read_compression_meta(original)["weights_sha256"]
+    assert {n: e["bits"] for n, e in rebuilt["tensors"].items()} == recipe["bits"]
+
+    def another_base(name: str):
+        model, tokenizer, _ = load_base(name)
+        return model, tokenizer, "another base"
+
+    monkeypatch.setattr(default_model, "built_dir", lambda name: tmp_path / "elsewhere" / name)
+    with pytest.raises(ValueError, match="not the one"):
+        default_model.ensure_built("tiny-palettized", another_base)
 
 
 @pytest.mark.slow
