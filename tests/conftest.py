@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from openafm.compress.pipeline import CompressConfig
 from openafm.model import Transformer, get_preset
 from openafm.tokenizer import Tokenizer
 
@@ -17,6 +18,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def reference() -> dict:
     return json.loads((FIXTURES / "smollm2_reference.json").read_text())
+
+
+TINY_COMPRESS = CompressConfig(
+    target_bpw=3.5, bit_widths=(2, 4), calibration_tokens=1024, window=128, sensitivity_tokens=64
+)
+"""Palettization settings small enough for the tiny model (a few seconds)."""
 
 
 def make_tiny(seed: int = 0) -> Transformer:

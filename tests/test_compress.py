@@ -27,7 +27,7 @@ from openafm.io.compressed_checkpoint import (
 )
 from openafm.model.compressed import Int8Rows, pack_indices, unpack_indices
 from openafm.model.linear import Linear
-from tests.conftest import byte_tokenizer, make_tiny
+from tests.conftest import TINY_COMPRESS, byte_tokenizer, make_tiny
 
 CALIBRATION = DEFAULT_CALIBRATION
 
@@ -153,13 +153,7 @@ def test_int8_rows_at_an_odd_address_multiply_under_bf16_autocast():
 
 def _compressed_tiny(tmp_path: Path, bit_widths=(2, 4), target=3.5):
     model, tokenizer = make_tiny(), byte_tokenizer()
-    config = CompressConfig(
-        target_bpw=target,
-        bit_widths=bit_widths,
-        calibration_tokens=1024,
-        window=128,
-        sensitivity_tokens=64,
-    )
+    config = replace(TINY_COMPRESS, target_bpw=target, bit_widths=bit_widths)
     result = compress_model(model, tokenizer, CALIBRATION, config)
     return result, tokenizer
 

@@ -12,14 +12,14 @@ import torch
 from openafm.adapters import check_base, detach, load_adapter
 from openafm.compress import default_model
 from openafm.compress.calibration import text_windows
-from openafm.compress.pipeline import DEFAULT_CALIBRATION, CompressConfig, compress_model
+from openafm.compress.pipeline import DEFAULT_CALIBRATION, compress_model
 from openafm.eval.quality import compare_models, reference_log_probs
 from openafm.files import sha256_file
 from openafm.io import model_signature
 from openafm.io.compressed_checkpoint import bits_summary, read_compression_meta, save_compressed
 from openafm.runtime import SamplingParams, engine_for, load_pretrained
 from openafm.serve.worker import PALETTIZED_ADAPTERS
-from tests.conftest import FIXTURES, byte_tokenizer, make_tiny
+from tests.conftest import FIXTURES, TINY_COMPRESS, byte_tokenizer, make_tiny
 
 NAME = default_model.PALETTIZED_DEFAULT
 RECIPE = default_model.RECIPES_DIR / NAME
@@ -51,13 +51,7 @@ def test_a_recipe_written_from_a_compressed_model_rebuilds_that_model(tmp_path, 
         return model, byte_tokenizer(), model_signature(model.config, model.state_dict())
 
     model, tokenizer, base_signature = load_base("tiny")
-    config = CompressConfig(
-        target_bpw=3.5,
-        bit_widths=(2, 4),
-        calibration_tokens=1024,
-        window=128,
-        sensitivity_tokens=64,
-    )
+    config = TINY_COMPRESS
     made = compress_model(model, tokenizer, DEFAULT_CALIBRATION, config).model
     made_with = {  # what `afm compress` records
         "base": "tiny",
